@@ -1,0 +1,139 @@
+"""`ParallelConfig`: which strategies run, at which degree, with which settings.
+
+A config is plain frozen data: it knows nothing about torch.distributed. The mesh
+(`ditmesh.parallel.mesh.ParallelMesh`) turns it into process groups; live state never sits here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# Mesh axes, outer -> inner. The axes that talk most (tensor, ulysses) sit innermost so their
+# groups are neighbouring ranks (same host, fastest links).
+AXES = ("data", "cfg", "pipefusion", "ring", "ulysses", "tensor")
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "math", "triton")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Degrees of each parallel strategy (1 = off) and their settings.
+
+    The product of the degrees is the world size: one process per GPU. Build one directly,
+    or from the string form the CLI takes: ``ParallelConfig.parse("ulysses=4,cfg=2")``.
+    """
+
+    data_degree: int = 1
+    """Independent replicas; a batch of prompts/images is split across them."""
+    cfg_degree: int = 1
+    """2 runs the conditional and unconditional branches of classifier-free guidance on different ranks."""
+    pipefusion_degree: int = 1
+    """Pipeline stages: the transformer's blocks split over ranks, image patches flowing through."""
+    ring_degree: int = 1
+    """Ring attention: image tokens sharded, key/value blocks passed round a ring."""
+    ulysses_degree: int = 1
+    """Ulysses sequence parallelism: image tokens sharded, all-to-all to split heads for attention."""
+    tensor_degree: int = 1
+    """Megatron-style tensor parallelism: attention heads and MLP width split over ranks."""
+
+    pipefusion_patches: int | None = None
+    """Patches the image is split into for PipeFusion (None = pipefusion_degree)."""
+    warmup_steps: int = 1
+    """PipeFusion: first diffusion steps run exactly (no stale activations) to fill the buffers."""
+    attention_backend: str = "auto"
+    """Local attention kernel: auto (fastest available), sdpa, math (plain torch, returns LSE) or triton."""
+
+    def __post_init__(self) -> None:
+        for axis in AXES:
+            value = getattr(self, f"{axis}_degree")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{axis}_degree must be a positive integer (1 = off), got {value!r}")
+        if self.cfg_degree not in (1, 2):
+            raise ValueError(
+                f"cfg_degree must be 1 or 2 (one rank per guidance branch), got {self.cfg_degree}; "
+                "use data_degree to spread more ranks"
+            )
+        if self.pipefusion_patches is not None and (
+            not isinstance(self.pipefusion_patches, int) or self.pipefusion_patches < 1
+        ):
+            raise ValueError(f"pipefusion_patches must be a positive integer, got {self.pipefusion_patches!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend {self.attention_backend!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        """Degree of each mesh axis, outer -> inner."""
+        return {axis: getattr(self, f"{axis}_degree") for axis in AXES}
+
+    @property
+    def world_size(self) -> int:
+        """Number of processes (GPUs) this config needs: the product of the degrees."""
+        size = 1
+        for degree in self.degrees.values():
+            size *= degree
+        return size
+
+    @property
+    def sequence_degree(self) -> int:
+        """Ranks a sequence is sharded over: ring x ulysses."""
+        return self.ring_degree * self.ulysses_degree
+
+    @property
+    def num_patches(self) -> int:
+        """Patches PipeFusion splits the image into."""
+        return self.pipefusion_patches or self.pipefusion_degree
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise `ValueError` unless this config fills exactly `world_size` processes."""
+        if world_size != self.world_size:
+            raise ValueError(
+                f"parallel config {self} needs {self.world_size} processes but the world has {world_size}; "
+                f"launch {self.world_size} processes or change the degrees so their product is {world_size}"
+            )
+
+    # ---- string form: "ulysses=4,cfg=2,warmup_steps=1" -------------------------------------
+
+    @classmethod
+    def parse(cls, text: str) -> ParallelConfig:
+        """Parse the CLI form: comma-separated ``key=value`` with short axis names
+        (data, cfg, pipefusion, ring, ulysses, tensor) and settings by name. "" or "serial" is
+        the default config."""
+        text = text.strip()
+        if text in ("", "serial"):
+            return cls()
+        settings = {f.name: f for f in dataclasses.fields(cls) if not f.name.endswith("_degree")}
+        kwargs: dict[str, object] = {}
+        for item in text.split(","):
+            key, sep, value = (part.strip() for part in item.partition("="))
+            if not sep or not value:
+                raise ValueError(f"{item!r} in parallel config {text!r} is not key=value; e.g. 'ulysses=4,cfg=2'")
+            if key in AXES:
+                name = f"{key}_degree"
+            elif key.endswith("_degree") and key[: -len("_degree")] in AXES or key in settings:
+                name = key
+            else:
+                valid = ", ".join(AXES + tuple(settings))
+                raise ValueError(f"unknown parallel config key {key!r}; valid keys: {valid}")
+            if name in kwargs:
+                raise ValueError(f"{key!r} is given twice in parallel config {text!r}")
+            kwargs[name] = value if name == "attention_backend" else _parse_int(key, value)
+        return cls(**kwargs)
+
+    def __str__(self) -> str:
+        parts = [f"{axis}={degree}" for axis, degree in self.degrees.items() if degree != 1]
+        for field in dataclasses.fields(self):
+            if not field.name.endswith("_degree") and getattr(self, field.name) != field.default:
+                parts.append(f"{field.name}={getattr(self, field.name)}")
+        return ",".join(parts) or "serial"
+
+
+def _parse_int(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{key} must be an integer, got {value!r}") from None

@@ -1,0 +1,62 @@
+"""The adapter interface: what ditmesh knows about one model family, as data.
+
+Strategies read an adapter's plans (where the sequence is split and gathered, the tensor-parallel
+plan, how blocks split into pipeline stages, how the pipeline batches CFG); core code never
+branches on model types. Each family registers its adapter in its own file (`flux.py`, `sd3.py`,
+`sdxl.py`) and `adapter_for(pipe_or_model)` finds it by class name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+_REGISTRY: dict[str, ModelAdapter] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelAdapter:
+    """What the strategies need to know about one model family."""
+
+    name: str
+    """Short family name: "flux", "sd3", "sdxl"."""
+    pipeline_classes: tuple[str, ...]
+    """diffusers pipeline class names of this family."""
+    model_classes: tuple[str, ...]
+    """diffusers denoiser (transformer / U-Net) class names of this family."""
+    denoiser_attr: str = "transformer"
+    """Attribute of the pipeline holding the denoiser ("transformer" or "unet")."""
+    size_multiple: int = 16
+    """Height and width must be multiples of this (VAE scale x patch size)."""
+    cfg_mode: str = "batched"
+    """How the pipeline runs classifier-free guidance: "batched" (cond+uncond in one batch) or
+    "sequential" (two denoiser calls per step, FLUX true CFG)."""
+    joint_text: str | None = None
+    """Where text tokens sit in joint attention's sequence: "first" (FLUX), "last" (SD3), None."""
+    sequence_plan: Any = None
+    """Where image tokens are sharded and gathered (`ditmesh.parallel.sequence.SequencePlan`)."""
+    tensor_plan: Any = None
+    """Tensor-parallel plan (`ditmesh.parallel.tensor.TensorPlan`)."""
+    stage_plan: Any = None
+    """How blocks split into PipeFusion stages (`ditmesh.parallel.pipefusion.StagePlan`)."""
+
+
+def register(adapter: ModelAdapter) -> ModelAdapter:
+    """Make `adapter_for` find `adapter` by its pipeline and model class names."""
+    for class_name in adapter.pipeline_classes + adapter.model_classes:
+        _REGISTRY[class_name] = adapter
+    return adapter
+
+
+def adapter_for(obj: Any) -> ModelAdapter:
+    """The adapter of a diffusers pipeline or denoiser (looked up along the class's MRO)."""
+    import ditmesh.models  # noqa: F401 - registers the families
+
+    for cls in type(obj).__mro__:
+        if cls.__name__ in _REGISTRY:
+            return _REGISTRY[cls.__name__]
+    known = sorted({adapter.name for adapter in _REGISTRY.values()})
+    raise ValueError(
+        f"ditmesh has no adapter for {type(obj).__name__}; supported families: {', '.join(known)} "
+        f"(classes: {', '.join(sorted(_REGISTRY))})"
+    )
