@@ -1,0 +1,239 @@
+"""The single attention entry point: a local backend inside optional Ulysses / ring exchanges.
+
+- `local_attention(q, k, v, backend)`: one process, any registered backend ("sdpa", "math", and
+  whatever else is registered with `register_backend`, e.g. "triton").
+- `attention(q, k, v, ctx=...)`: the same call on a token shard; with a `SequenceContext` it runs
+  Ulysses and/or ring attention over the mesh and handles joint (text + image) attention.
+- `SequenceParallelProcessor`: wraps a model's own attention processor (diffusers' FLUX, SD3, ...)
+  and routes the processor's `F.scaled_dot_product_attention` call to `attention`, so no model's
+  processor math is copied and no diffusers function is patched.
+
+All tensors are (batch, heads, seq, head_dim) ("BHSD"), as SDPA takes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ditmesh import kernels
+from ditmesh.kernels import reference
+from ditmesh.parallel import ulysses
+from ditmesh.parallel.ring import ring_attention
+
+# ---- local backends ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A local attention kernel: ``fn(q, k, v, scale)`` -> out, or (out, lse fp32) if `returns_lse`."""
+
+    fn: Callable[..., Any]
+    returns_lse: bool
+    device_types: tuple[str, ...] | None = None
+    """Devices it runs on (None = any)."""
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, fn: Callable[..., Any], *, returns_lse: bool, device_types: tuple[str, ...] | None = None) -> None:
+    """Make `name` selectable as ``ParallelConfig.attention_backend``. ``fn(q, k, v, scale)``
+    takes BHSD tensors and returns out, or (out, lse fp32) when `returns_lse`."""
+    _BACKENDS[name] = Backend(fn, returns_lse, device_types)
+
+
+def _sdpa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+register_backend("sdpa", _sdpa, returns_lse=False)
+register_backend("math", lambda q, k, v, scale: reference.attention_lse(q, k, v, scale), returns_lse=True)
+# The Triton flash-attention kernel (forward only; `ditmesh[triton]`), forced for every shape.
+register_backend(
+    "triton", lambda q, k, v, scale: kernels.select.BACKENDS["triton"](q, k, v, scale), returns_lse=True, device_types=("cuda",)
+)
+# "auto" where LSE is needed: `ditmesh.kernels.attention_lse` picks the fastest exact kernel for
+# the shape and device (cuDNN / Triton / CPU flash; plain torch when differentiating).
+_AUTO_LSE = Backend(lambda q, k, v, scale: kernels.attention_lse(q, k, v, scale), returns_lse=True)
+
+
+def available_backends() -> tuple[str, ...]:
+    """Names of the registered local backends."""
+    return tuple(_BACKENDS)
+
+
+def resolve_backend(name: str, *, need_lse: bool, device_type: str = "cpu") -> Backend:
+    """The backend `name` ("auto" or registered) resolves to; `ValueError` if it cannot serve
+    (unknown, returns no LSE where LSE is needed, or does not run on `device_type`)."""
+    if name == "auto":
+        return _AUTO_LSE if need_lse else _BACKENDS["sdpa"]
+    if name not in _BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not registered here; available: {', '.join(('auto',) + available_backends())}")
+    backend = _BACKENDS[name]
+    if backend.device_types is not None and device_type not in backend.device_types:
+        raise ValueError(f"attention backend {name!r} runs on {', '.join(backend.device_types)}, not {device_type}; use 'auto'")
+    if need_lse and not backend.returns_lse:
+        raise ValueError(
+            f"attention backend {name!r} returns no log-sum-exp, which ring attention needs; "
+            "use attention_backend='auto' or 'math'"
+        )
+    return backend
+
+
+def local_attention(q_BHSD, k_BHSD, v_BHSD, backend: str = "auto", *, scale: float | None = None, return_lse: bool = False):
+    """Non-causal attention on this process. Returns out (B,H,Sq,D), or (out, lse (B,H,Sq) fp32)
+    with `return_lse` (what merging partial attentions over disjoint key sets needs)."""
+    chosen = resolve_backend(backend, need_lse=return_lse, device_type=q_BHSD.device.type)
+    result = chosen.fn(q_BHSD, k_BHSD, v_BHSD, scale)
+    if chosen.returns_lse and not return_lse:
+        return result[0]
+    return result
+
+
+# ---- sequence-parallel attention --------------------------------------------------------------
+
+
+@dataclass
+class SequenceContext:
+    """Live state shared by the split hooks and the attention processors of one wrapped model.
+
+    The groups are fixed at `apply`; `num_tokens` / `local_len` are set by the split hook at the
+    start of every forward (image tokens of the whole sequence, and per rank after padding).
+    """
+
+    sequence_group: dist.ProcessGroup
+    ulysses_group: dist.ProcessGroup
+    ring_group: dist.ProcessGroup
+    joint_text: str | None
+    backend: str = "auto"
+    num_tokens: int | None = None
+    local_len: int | None = None
+
+    @property
+    def ulysses_size(self) -> int:
+        return dist.get_world_size(self.ulysses_group)
+
+    @property
+    def ring_size(self) -> int:
+        return dist.get_world_size(self.ring_group)
+
+
+def attention(q_BHSD, k_BHSD, v_BHSD, *, ctx: SequenceContext | None = None, scale: float | None = None, backend: str = "auto"):
+    """Attention of a possibly sharded sequence: the entry point every strategy calls.
+
+    Without `ctx` (or before a forward set it up) this is `local_attention`. With it, the query
+    sequence is [text, local image shard] (joint_text "first"), [local image shard, text]
+    ("last") or the image shard alone, and the result equals attention over the whole sequence
+    (for this rank's queries). `backend` is the local kernel without `ctx`; with it, `ctx.backend`.
+    """
+    if ctx is None or ctx.num_tokens is None:
+        return local_attention(q_BHSD, k_BHSD, v_BHSD, backend, scale=scale)
+    num_text = q_BHSD.shape[2] - ctx.local_len
+    assert num_text >= 0 and k_BHSD.shape[2] == q_BHSD.shape[2], (q_BHSD.shape, k_BHSD.shape, ctx.local_len)
+    (qi, qt), (ki, kt), (vi, vt) = (_split_joint(x, num_text, ctx.joint_text) for x in (q_BHSD, k_BHSD, v_BHSD))
+    num_heads = q_BHSD.shape[1]
+    if ctx.ulysses_size > 1:
+        # Image: token shard -> head shard over the ulysses group's tokens. Text is replicated:
+        # slice this rank's heads locally.
+        qi, ki, vi = (ulysses.heads_to_sequence(x, ctx.ulysses_group) for x in (qi, ki, vi))
+        qt, kt, vt = (ulysses.local_heads(x, ctx.ulysses_group) for x in (qt, kt, vt))
+    out_i, out_t = _attend_shards(qi, ki, vi, qt, kt, vt, ctx, scale)
+    if ctx.ulysses_size > 1:
+        out_i = ulysses.sequence_to_heads(out_i, ctx.ulysses_group, num_heads)
+        out_t = ulysses.gather_heads(out_t, ctx.ulysses_group, num_heads) if num_text else out_t[:, :num_heads]
+    return _join_joint(out_i, out_t, ctx.joint_text)
+
+
+def _attend_shards(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale):
+    """Queries [text, image block of this ring rank] over all image keys (+ the text keys)."""
+    num_text, block = qt.shape[2], ki.shape[2]  # block = ulysses_size * local_len image tokens
+    q = torch.cat([qt, qi], dim=2)
+    # Padding sits at the end of the image sequence: block r holds tokens [r*block, (r+1)*block).
+    valid = [min(max(ctx.num_tokens - r * block, 0), block) for r in range(ctx.ring_size)]
+    if ctx.ring_size == 1:
+        k = torch.cat([kt, ki[:, :, : valid[0]]], dim=2)
+        v = torch.cat([vt, vi[:, :, : valid[0]]], dim=2)
+        out = local_attention(q, k, v, ctx.backend, scale=scale)
+    else:
+        def attend(q_, k_, v_):
+            return local_attention(q_, k_, v_, ctx.backend, scale=scale, return_lse=True)
+
+        extra = (kt, vt) if num_text else None
+        out, _ = ring_attention(q, ki, vi, ctx.ring_group, attend, valid_keys=valid, extra_kv=extra)
+    return out[:, :, num_text:], out[:, :, :num_text]
+
+
+def _split_joint(x_BHSD: torch.Tensor, num_text: int, joint_text: str | None):
+    """-> (image part, text part) of a joint sequence."""
+    num_image = x_BHSD.shape[2] - num_text
+    if joint_text == "first":
+        text, image = x_BHSD.split([num_text, num_image], dim=2)
+    elif joint_text == "last" or num_text == 0:
+        image, text = x_BHSD.split([num_image, num_text], dim=2)
+    else:
+        raise ValueError(f"the model's adapter must say where text tokens sit (joint_text 'first' or 'last'), got {joint_text!r}")
+    return image, text
+
+
+def _join_joint(image: torch.Tensor, text: torch.Tensor, joint_text: str | None) -> torch.Tensor:
+    if text.shape[2] == 0:
+        return image
+    return torch.cat([text, image] if joint_text == "first" else [image, text], dim=2)
+
+
+# ---- routing a model's own processor through `attention` -----------------------------------
+
+
+def _sdpa_to_attention(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if attn_mask is not None or is_causal or dropout_p != 0.0:
+        raise ValueError(
+            "sequence-parallel attention supports unmasked, non-causal attention without dropout; "
+            "call the pipeline without attention masks (e.g. no padded-prompt masks) or use ulysses/ring degree 1"
+        )
+    if key.shape[1] != query.shape[1]:
+        raise ValueError("sequence-parallel attention needs as many key heads as query heads (no grouped-query attention)")
+    return attention(query, key, value, ctx=ctx, scale=scale, backend=ctx.backend)
+
+
+class _RouteSDPA(TorchFunctionMode):
+    """While active, `F.scaled_dot_product_attention` calls go to `attention(ctx=...)`; every
+    other torch function runs unchanged. Active only inside one processor call."""
+
+    def __init__(self, ctx: SequenceContext):
+        super().__init__()
+        self.ctx = ctx
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.calls += 1
+            return _sdpa_to_attention(self.ctx, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class SequenceParallelProcessor:
+    """An attention processor that runs the model's original processor with its SDPA call
+    replaced by ditmesh's sequence-parallel `attention`. Install with ``set_attn_processor``."""
+
+    def __init__(self, inner: Any, ctx: SequenceContext):
+        self.inner = inner
+        self.ctx = ctx
+
+    def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        route = _RouteSDPA(self.ctx)
+        with route:
+            out = self.inner(attn, *args, **kwargs)
+        if route.calls == 0 and self.ctx.num_tokens is not None:
+            # Attention ran without SDPA, on this rank's shard only: the result would be wrong.
+            raise ValueError(
+                f"{type(self.inner).__name__} computed attention without torch SDPA (a non-native attention "
+                "backend?); call transformer.set_attention_backend('native') before ditmesh.parallelize"
+            )
+        return out

@@ -1,0 +1,140 @@
+"""The few collectives the strategies share, each taking an explicit process group.
+
+All of them are differentiable. Gradient convention (see docs/sequence.md): a tensor sharded over
+a group carries the exact gradient of its shard; a tensor replicated over a group carries a
+*partial* gradient (the true gradient is the sum over the group's ranks). The standard autograd
+rules of the functional collectives implement exactly that (all-gather's backward is a
+reduce-scatter); `gather_replicated` is the one boundary that differs (see its docstring).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
+
+# torch renamed all_gather_tensor[_autograd] -> all_gather_single[_autograd] (2.10+).
+_all_gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
+_all_gather_autograd = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Split `x` into group-size chunks along `scatter_dim`, send chunk i to rank i, and
+    concatenate what arrives along `gather_dim` in rank order (the Ulysses exchange).
+
+    `x.shape[scatter_dim]` must divide by the group size. Differentiable (backward is the inverse
+    all-to-all)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    # (..., W*c, ...) -> (W, ...) so one all_to_all_single exchanges the chunks along dim 0.
+    chunks = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()
+    received = fc.all_to_all_single_autograd(chunks, None, None, group)
+    received = fc.wait_tensor(received) if isinstance(received, fc.AsyncCollectiveTensor) else received
+    return torch.cat(received.unbind(0), dim=gather_dim)
+
+
+def all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim` in rank order. Backward: reduce-scatter (sum), so
+    the result's gradient is taken as partial on every rank."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _wait(_all_gather_autograd(x.contiguous(), dim, group))
+
+
+class _GatherReplicated(torch.autograd.Function):
+    """all-gather forward; backward keeps this rank's slice of the (replicated) gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.dim, ctx.size, ctx.rank = dim, x.shape[dim], dist.get_rank(group)
+        return _wait(_all_gather(x.contiguous(), dim, group))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size), None, None
+
+
+def gather_replicated(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Concatenate every rank's shard along `dim` into a tensor every rank then uses identically
+    (the model's output). Backward assumes every rank computed the same loss from it, so the
+    gradient is the full one on every rank and each shard takes its own slice (no communication)."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _GatherReplicated.apply(x, dim, group)
+
+
+def _wait(x: torch.Tensor) -> torch.Tensor:
+    return fc.wait_tensor(x) if isinstance(x, fc.AsyncCollectiveTensor) else x
+
+
+def _shift(x: torch.Tensor, group: dist.ProcessGroup, step: int) -> tuple[torch.Tensor, list]:
+    """Post send of `x` to group rank (rank + step) and receive from (rank - step); returns the
+    receive buffer (valid after waiting on the returned works)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    recv = torch.empty_like(x)
+    ops = [
+        dist.P2POp(dist.isend, x, group=group, group_peer=(rank + step) % world),
+        dist.P2POp(dist.irecv, recv, group=group, group_peer=(rank - step) % world),
+    ]
+    return recv, dist.batch_isend_irecv(ops)
+
+
+class _RingShift(torch.autograd.Function):
+    """Forward: post the shift to the next ring rank and return the (still filling) receive
+    buffer; the caller waits on the works stored in `pending`. Backward: send the gradient the
+    opposite way (blocking)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, pending: list) -> torch.Tensor:
+        ctx.group = group
+        recv, works = _shift(x.contiguous(), group, +1)
+        pending.extend(works)
+        return recv
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # Every ring rank runs this node at the same point of an identical graph, so the
+        # reversed shifts pair up (no rank waits on a peer that is elsewhere -> no deadlock).
+        recv, works = _shift(grad.contiguous(), ctx.group, -1)
+        for work in works:
+            work.wait()
+        return recv, None, None
+
+
+def ring_shift_start(x: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, list]:
+    """Start passing `x` to the next rank of the ring `group` and receiving the previous rank's.
+
+    Returns (buffer, works): the buffer holds the previous rank's `x` once every work in `works`
+    is waited on (`ring_shift_wait`). Differentiable: the gradient travels the opposite way.
+    The send reads `x` until then: do not modify it in place meanwhile."""
+    pending: list = []
+    recv = _RingShift.apply(x, group, pending)
+    return recv, pending
+
+
+def ring_shift_wait(works: list) -> None:
+    """Wait for the transfers started by `ring_shift_start`."""
+    for work in works:
+        work.wait()
+
+
+def pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """`x` zero-padded at the end of `dim` to `size` (returned as is when already that size)."""
+    missing = size - x.shape[dim]
+    assert missing >= 0, (x.shape, dim, size)
+    if missing == 0:
+        return x
+    pad_shape = list(x.shape)
+    pad_shape[dim] = missing
+    return torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+
+
+__all__ = [
+    "all_to_all",
+    "all_gather",
+    "gather_replicated",
+    "ring_shift_start",
+    "ring_shift_wait",
+    "pad_dim",
+]

@@ -1,0 +1,181 @@
+"""Sequence parallelism (Ulysses, ring, and both: USP) for a transformer, applied from its plan.
+
+A model's `SequencePlan` (data on its adapter, like diffusers' `_cp_plan`) says where image tokens
+are split into per-rank shards and where the output is gathered back. `apply` installs:
+
+1. split hooks: contiguous shards of the image tokens in the order of the "sequence" mesh axis
+   (ring-major, ulysses-minor), zero-padded at the end to a multiple of the sequence degree;
+2. `SequenceParallelProcessor`s around the model's own attention processors (attention.py does
+   the Ulysses all-to-all / ring exchange and the joint text handling);
+3. gather hooks: the output is all-gathered and the padding dropped, so every rank returns the
+   full output.
+
+Text tokens are not split: every rank runs the text stream on all of them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ditmesh.parallel.attention import SequenceContext, SequenceParallelProcessor, resolve_backend
+from ditmesh.parallel.comm import gather_replicated, pad_dim
+
+_HANDLE_ATTR = "_ditmesh_sequence_parallel"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Shard image tokens at `module` ("" = the denoiser itself) along tensor dim `dim`: the
+    forward input named `input`, or the module's output when `input` is None."""
+
+    module: str
+    dim: int
+    input: str | None = None
+    ndim: int | None = None
+    """Expected number of dims of the tensor (checked, to catch deprecated layouts)."""
+
+
+@dataclass(frozen=True)
+class Gather:
+    """All-gather the output of `module` along `dim` and drop the padded tokens."""
+
+    module: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class SequencePlan:
+    """Where a model's image tokens are sharded and gathered. Every split must see the same
+    number of tokens along its dim (e.g. FLUX's packed latents and their RoPE ids)."""
+
+    splits: tuple[Split, ...]
+    gathers: tuple[Gather, ...]
+
+
+class SequenceParallel:
+    """Handle of sequence parallelism applied to one model; `remove()` restores the model."""
+
+    def __init__(self, model: torch.nn.Module, ctx: SequenceContext, processors: dict[str, Any], hooks: list):
+        self.model, self.ctx = model, ctx
+        self._processors, self._hooks = processors, hooks
+
+    def remove(self) -> None:
+        """Remove the hooks and put the original attention processors back."""
+        for hook in self._hooks:
+            hook.remove()
+        self.model.set_attn_processor(self._processors)
+        delattr(self.model, _HANDLE_ATTR)
+
+
+def apply(target: torch.nn.Module, mesh: Any, adapter: Any, config: Any) -> SequenceParallel:
+    """Shard `target`'s image tokens over the mesh's ring x ulysses ranks following
+    ``adapter.sequence_plan``. Call on every rank of the sequence group (the forward is collective)."""
+    plan: SequencePlan | None = adapter.sequence_plan
+    if plan is None:
+        raise ValueError(f"model family {adapter.name!r} has no sequence plan; use ring_degree=1 and ulysses_degree=1 for it")
+    if getattr(target, _HANDLE_ATTR, None) is not None:
+        raise ValueError("sequence parallelism is already applied to this model; call .remove() on its handle before applying again")
+    resolve_backend(config.attention_backend, need_lse=mesh.size("ring") > 1, device_type=mesh.device.type)
+    ctx = SequenceContext(
+        sequence_group=mesh.group("sequence"),
+        ulysses_group=mesh.group("ulysses"),
+        ring_group=mesh.group("ring"),
+        joint_text=adapter.joint_text,
+        backend=config.attention_backend,
+    )
+    processors = _wrap_processors(target, ctx)
+    hooks = [target.register_forward_pre_hook(lambda module, args: _begin_forward(ctx), prepend=True)]
+    hooks += _install_splits(target, plan.splits, ctx)
+    hooks += [_submodule(target, g.module).register_forward_hook(_gather_hook(g, ctx)) for g in plan.gathers]
+    handle = SequenceParallel(target, ctx, processors, hooks)
+    setattr(target, _HANDLE_ATTR, handle)
+    return handle
+
+
+def _wrap_processors(model: torch.nn.Module, ctx: SequenceContext) -> dict[str, Any]:
+    originals = dict(model.attn_processors)
+    for name, processor in originals.items():
+        if getattr(processor, "_parallel_config", None) is not None:
+            raise ValueError(f"{name} uses diffusers' own context parallelism; disable it (do not call enable_parallelism) with ditmesh")
+        if getattr(processor, "_attention_backend", None) not in (None, "native"):
+            raise ValueError(f"{name} uses attention backend {processor._attention_backend!r}; call model.set_attention_backend('native') first")
+    model.set_attn_processor({name: SequenceParallelProcessor(p, ctx) for name, p in originals.items()})
+    return originals
+
+
+def _begin_forward(ctx: SequenceContext) -> None:
+    ctx.num_tokens = ctx.local_len = None  # the first split of this forward sets them
+
+
+def _shard(x: torch.Tensor, split: Split, ctx: SequenceContext) -> torch.Tensor:
+    """This rank's contiguous, end-padded shard of `x` along `split.dim`."""
+    if split.ndim is not None and x.ndim != split.ndim:
+        raise ValueError(f"{split.input or split.module} must have {split.ndim} dims for sequence parallelism, got shape {tuple(x.shape)}")
+    rank, size = dist.get_rank(ctx.sequence_group), dist.get_world_size(ctx.sequence_group)
+    num_tokens = x.shape[split.dim]
+    if ctx.num_tokens is None:
+        ctx.num_tokens, ctx.local_len = num_tokens, -(-num_tokens // size)
+    elif num_tokens != ctx.num_tokens:
+        raise ValueError(f"{split.input or split.module} has {num_tokens} tokens but the image has {ctx.num_tokens}; they must match")
+    x = pad_dim(x, split.dim, ctx.local_len * size)
+    return x.narrow(split.dim, rank * ctx.local_len, ctx.local_len)
+
+
+def _install_splits(model: torch.nn.Module, splits: tuple[Split, ...], ctx: SequenceContext) -> list:
+    hooks = []
+    for path in dict.fromkeys(s.module for s in splits):  # one hook per module, plan order kept
+        module = _submodule(model, path)
+        inputs = [s for s in splits if s.module == path and s.input is not None]
+        outputs = [s for s in splits if s.module == path and s.input is None]
+        if inputs:
+            hooks.append(module.register_forward_pre_hook(_split_inputs_hook(module, inputs, ctx), with_kwargs=True))
+        for split in outputs:
+            hooks.append(module.register_forward_hook(lambda m, args, out, s=split: _shard(out, s, ctx)))
+    return hooks
+
+
+def _split_inputs_hook(module: torch.nn.Module, splits: list[Split], ctx: SequenceContext):
+    params = list(inspect.signature(module.forward).parameters)
+
+    def hook(mod, args, kwargs):
+        args = list(args)
+        for split in splits:
+            index = params.index(split.input) if split.input in params else len(args)
+            if kwargs.get(split.input) is not None:
+                kwargs[split.input] = _shard(kwargs[split.input], split, ctx)
+            elif index < len(args) and args[index] is not None:
+                args[index] = _shard(args[index], split, ctx)
+            else:
+                raise ValueError(f"sequence parallelism splits {split.input!r}; pass it to {type(mod).__name__}")
+        return tuple(args), kwargs
+
+    return hook
+
+
+def _gather_hook(gather: Gather, ctx: SequenceContext):
+    def hook(module, args, out):
+        full = gather_replicated(out, gather.dim, ctx.sequence_group)
+        return full.narrow(gather.dim, 0, ctx.num_tokens)
+
+    return hook
+
+
+def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def reduce_sequence_grads(model: torch.nn.Module, mesh: Any) -> None:
+    """Sum parameter gradients over the sequence group after backward.
+
+    Each sequence rank's gradients are partial (its image shard's share, plus a share of the
+    replicated text stream); their sum is the serial model's gradient. Call this (or reduce over
+    the sequence axis yourself) before the optimizer step. Collective over the sequence group."""
+    group = mesh.group("sequence")
+    for param in model.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, group=group)

@@ -1,0 +1,237 @@
+"""Sequence parallelism (Ulysses, ring, USP) on tiny FLUX / SD3 vs the same model run serially.
+
+Every rank builds the same tiny model from the same seed, runs it serially (the reference) and
+through `ditmesh.parallel.sequence.apply` on the gloo mesh; outputs must agree to 1e-4 max abs
+error (fp32, `assert_close(atol=1e-4, rtol=0)`), gradients to 1e-4 abs + 1e-3 rel.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ditmesh.config import ParallelConfig
+from ditmesh.models import adapter_for
+from ditmesh.models.tiny import flux_transformer_inputs, sd3_transformer_inputs, tiny_flux_transformer, tiny_sd3_transformer
+from ditmesh.parallel import sequence
+from ditmesh.parallel.mesh import ParallelMesh
+
+OUT_TOL = dict(atol=1e-4, rtol=0)
+GRAD_TOL = dict(atol=1e-4, rtol=1e-3)
+_MESHES: dict[str, ParallelMesh] = {}  # per rank process: building groups every test is slow
+
+
+def _mesh(config: ParallelConfig) -> ParallelMesh:
+    if str(config) not in _MESHES:
+        _MESHES[str(config)] = ParallelMesh.build(config)
+    return _MESHES[str(config)]
+
+
+def _tiny(family: str, num_heads: int, size: tuple[int, int], batch: int):
+    """(model, inputs): FLUX sizes are latent pixels (tokens = h/2 * w/2), SD3 latent size (patch 2)."""
+    height, width = size
+    if family == "flux":
+        model = tiny_flux_transformer(num_heads=num_heads, head_dim=16, num_layers=1, num_single_layers=1)
+        inputs = flux_transformer_inputs(batch=batch, height=height, width=width, text_len=5)
+    elif family == "sd35m":  # SD3.5-medium: blocks with a second, image-only attention (attn2)
+        model = _tiny_sd35_medium(num_heads)
+        inputs = sd3_transformer_inputs(batch=batch, height=height, width=width, text_len=5)
+    else:
+        model = tiny_sd3_transformer(num_heads=num_heads, head_dim=16, num_layers=2)
+        inputs = sd3_transformer_inputs(batch=batch, height=height, width=width, text_len=5)
+    return model, inputs
+
+
+def _tiny_sd35_medium(num_heads: int):
+    from diffusers import SD3Transformer2DModel
+
+    from ditmesh.models.tiny import CLIP_DIM, LATENT_CHANNELS, T5_DIM
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=2, attention_head_dim=16,
+        num_attention_heads=num_heads, joint_attention_dim=T5_DIM, caption_projection_dim=num_heads * 16,
+        pooled_projection_dim=2 * CLIP_DIM, out_channels=LATENT_CHANNELS, pos_embed_max_size=32,
+        dual_attention_layers=(0,), qk_norm="rms_norm",
+    ).eval()
+
+
+def check_forward(family, degrees, num_heads=4, size=(16, 16), batch=1, backend="auto"):
+    config = ParallelConfig(**degrees, attention_backend=backend)
+    mesh = _mesh(config)
+    model, inputs = _tiny(family, num_heads, size, batch)
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        handle = sequence.apply(model, mesh, adapter_for(model), config)
+        out = model(**inputs)[0]
+        handle.remove()
+        restored = model(**inputs)[0]  # serial again: original processors, no hooks
+    torch.testing.assert_close(out, expected, **OUT_TOL)
+    torch.testing.assert_close(restored, expected, atol=0, rtol=0)
+    return (out - expected).abs().max().item()
+
+
+def check_backward(family, degrees, num_heads=4, size=(12, 14), checkpointing=False):
+    config = ParallelConfig(**degrees)
+    mesh = _mesh(config)
+    model, inputs = _tiny(family, num_heads, size, batch=1)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    grads_in = ("hidden_states", "encoder_hidden_states")
+    weight = torch.randn(model(**inputs)[0].shape, generator=torch.Generator().manual_seed(1))
+
+    def run(net):
+        args = {k: (v.clone().requires_grad_(True) if k in grads_in else v) for k, v in inputs.items()}
+        (net(**args)[0] * weight).sum().backward()
+        return {name: p.grad for name, p in net.named_parameters()}, {k: args[k].grad for k in grads_in}
+
+    expected_params, expected_inputs = run(model)
+    parallel = copy.deepcopy(model)
+    parallel.zero_grad(set_to_none=True)
+    sequence.apply(parallel, mesh, adapter_for(parallel), config)
+    params, input_grads = run(parallel)
+    # Gradients on each sequence rank are partial sums (see docs/sequence.md): reduce them.
+    sequence.reduce_sequence_grads(parallel, mesh)
+    for grad in input_grads.values():
+        torch.distributed.all_reduce(grad, group=mesh.group("sequence"))
+    for name, grad in expected_params.items():
+        torch.testing.assert_close(params[name], grad, **GRAD_TOL, msg=lambda m: f"grad of {name}: {m}")
+    for name, grad in expected_inputs.items():
+        torch.testing.assert_close(input_grads[name], grad, **GRAD_TOL, msg=lambda m: f"grad of input {name}: {m}")
+    return len(params)
+
+
+def check_parallelize(degrees):
+    from ditmesh import parallelize
+
+    config = ParallelConfig(**degrees)
+    model, inputs = _tiny("flux", 4, (16, 16), 1)
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        wrapped = parallelize(model, config, mesh=_mesh(config))
+        out = wrapped(**inputs)[0]
+    torch.testing.assert_close(out, expected, **OUT_TOL)
+    with pytest.raises(ValueError, match="already applied"):
+        sequence.apply(wrapped, _mesh(config), adapter_for(wrapped), config)
+    return True
+
+
+def check_pipeline(name, degrees):
+    """A whole tiny pipeline call through `parallelize` vs the serial pipeline (rank 0's images)."""
+    from ditmesh import parallelize
+    from ditmesh.models.tiny import tiny_pipeline
+
+    config = ParallelConfig(**degrees)
+    call = dict(prompt="a cat", height=128, width=128, num_inference_steps=2, output_type="pt")
+    expected = tiny_pipeline(name)(**call, generator=torch.Generator().manual_seed(0)).images
+    pipe = parallelize(tiny_pipeline(name), config, mesh=_mesh(config))
+    images = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    if torch.distributed.get_rank() == 0:
+        torch.testing.assert_close(images, expected, **OUT_TOL)
+    return True
+
+
+def check_shard_order(degrees):
+    """Shards follow the flattened sequence axis: ring-major, ulysses-minor."""
+    mesh = _mesh(ParallelConfig(**degrees))
+    return mesh.rank("sequence") == mesh.rank("ring") * mesh.size("ulysses") + mesh.rank("ulysses")
+
+
+# (world, degrees) — degrees not filling the world are completed with data replicas.
+MODES = {
+    "ulysses2": (2, dict(ulysses_degree=2)),
+    "ring2": (2, dict(ring_degree=2)),
+    "ulysses4": (4, dict(ulysses_degree=4)),
+    "ring4": (4, dict(ring_degree=4)),
+    "usp2x2": (4, dict(ring_degree=2, ulysses_degree=2)),
+    "ulysses2_data2": (4, dict(ulysses_degree=2, data_degree=2)),
+}
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_forward_matches_serial(pools, family, mode):
+    world, degrees = MODES[mode]
+    errors = pools(world).run(check_forward, family, degrees)
+    assert max(errors) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("mode", ["ulysses4", "ring4", "usp2x2"])
+def test_uneven_tokens_and_heads(pools, family, mode):
+    # FLUX 10x14 latents -> 5*7 = 35 tokens; SD3 14x10 latents, patch 2 -> 35 tokens: not a
+    # multiple of 4 (or 2). 3 heads do not divide by ulysses 2 or 4. Batch 2.
+    world, degrees = MODES[mode]
+    pools(world).run(check_forward, family, degrees, num_heads=3, size=(10, 14) if family == "flux" else (14, 10), batch=2)
+
+
+def test_more_ranks_than_tokens_per_block(pools):
+    # 3x3 packed tokens = 9 image tokens over 4 ranks: the last rank's shard is mostly padding.
+    pools(4).run(check_forward, "flux", dict(ring_degree=2, ulysses_degree=2), size=(6, 6))
+
+
+def test_math_backend(pools):
+    pools(2).run(check_forward, "sd3", dict(ulysses_degree=2), backend="math")
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("mode", ["ulysses2", "ring2", "usp2x2"])
+def test_backward_matches_serial(pools, family, mode):
+    world, degrees = MODES[mode]
+    pools(world).run(check_backward, family, degrees)
+
+
+def test_backward_with_gradient_checkpointing(pools):
+    # Checkpointed blocks re-run their forward (and its exchanges) during backward.
+    pools(4).run(check_backward, "flux", MODES["usp2x2"][1], checkpointing=True)
+
+
+@pytest.mark.parametrize("mode", ["ulysses2", "ring2"])
+def test_sd35_medium_image_only_attention(pools, mode):
+    world, degrees = MODES[mode]
+    pools(world).run(check_forward, "sd35m", degrees, num_heads=3, size=(14, 10))
+
+
+def test_parallelize_entry_point(pools):
+    assert all(pools(2).run(check_parallelize, dict(ulysses_degree=2)))
+
+
+@pytest.mark.parametrize("name,mode", [("tiny-flux", "ulysses2"), ("tiny-sd3", "ring2")])
+def test_pipeline_end_to_end(pools, name, mode):
+    world, degrees = MODES[mode]
+    assert all(pools(world).run(check_pipeline, name, degrees))
+
+
+@pytest.mark.parametrize("degrees", [dict(tensor_degree=2, ulysses_degree=2), dict(tensor_degree=2, ring_degree=2)])
+def test_composes_with_tensor_parallel(pools, degrees):
+    # parallelize applies tensor parallelism first (heads per rank halve), then sequence.
+    pools(4).run(check_parallelize_uneven, degrees)
+
+
+def check_parallelize_uneven(degrees):
+    from ditmesh import parallelize
+
+    config = ParallelConfig(**degrees)
+    model, inputs = _tiny("flux", 4, (10, 14), 1)
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        out = parallelize(model, config, mesh=_mesh(config))(**inputs)[0]
+    torch.testing.assert_close(out, expected, **OUT_TOL)
+
+
+def test_shard_order_is_ring_major(pools):
+    assert all(pools(4).run(check_shard_order, dict(ring_degree=2, ulysses_degree=2)))
+
+
+def check_sdpa_backend_refused_for_ring():
+    config = ParallelConfig(ring_degree=2, attention_backend="sdpa")
+    model = tiny_flux_transformer(num_layers=1, num_single_layers=1)
+    with pytest.raises(ValueError, match="log-sum-exp"):
+        sequence.apply(model, _mesh(ParallelConfig(ring_degree=2)), adapter_for(model), config)
+    return True
+
+
+def test_sdpa_backend_refused_for_ring(pools):
+    assert all(pools(2).run(check_sdpa_backend_refused_for_ring))
