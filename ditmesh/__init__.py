@@ -21,6 +21,10 @@ _LAZY = {
     "DistributedWorker": "ditmesh.runner.worker",
     "RemoteError": "ditmesh.runner.protocol",
     "WorkerDied": "ditmesh.runner.protocol",
+    "RunnerBroken": "ditmesh.runner.protocol",
+    "DiffusionWorker": "ditmesh.runner.diffusion",
+    "load_pipeline": "ditmesh.models.loading",
+    "tiny_pipeline": "ditmesh.models.tiny",
 }
 
 __all__ = ["ParallelConfig", *_LAZY]

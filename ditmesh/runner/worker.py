@@ -1,0 +1,274 @@
+"""`DistributedWorker`: the code that runs on every rank behind a `DistributedRunner`.
+
+Subclass it, load the model in `setup`, serve requests in `__call__`. Every request reaches
+every rank with the same payload, so `__call__` may use collectives (all ranks enter them in
+the same order); only rank 0's return value and stream events reach the caller.
+
+    class Adder(DistributedWorker):
+        def setup(self, scale=1.0):
+            self.scale = scale
+
+        def __call__(self, streaming=False, x=0.0):
+            total = torch.tensor([x * self.scale], device=self.device)
+            torch.distributed.all_reduce(total)
+            if streaming:
+                self.add_streaming_result({"partial": total.item()})
+            return {"sum": total.item()}
+
+`worker_main` is the body of each spawned process: it initialises torch.distributed, builds the
+worker and answers requests from the runner's socket until told to stop.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from ditmesh.runner import protocol
+
+
+class DistributedWorker:
+    """One rank of a `DistributedRunner`. Override `setup`, `__call__` and `teardown`.
+
+    Do the expensive work (loading weights, `parallelize`) in `setup`, not in ``__init__``: the
+    runner constructs the class with no arguments and `rank`, `world_size` and `device` are set
+    before `setup` runs.
+    """
+
+    _rank: int = 0
+    _world_size: int = 1
+    _device: Any = None
+    _channel: _Channel | None = None
+    _request_id: int | None = None
+    _streaming: bool = False
+
+    def setup(self, **kwargs: Any) -> None:
+        """Called once per rank with `DistributedRunner.start`'s keyword arguments."""
+
+    def __call__(self, streaming: bool = False, **payload: Any) -> Any:
+        """Serve one request; every rank gets the same `payload`. Rank 0's return value is the result.
+
+        `streaming` is True when the caller used `DistributedRunner.stream`; then
+        `add_streaming_result` delivers intermediate results.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define __call__(self, streaming=False, **payload)")
+
+    def teardown(self) -> None:
+        """Called once per rank when the runner stops (free memory, close files)."""
+
+    @property
+    def rank(self) -> int:
+        """This process's global rank, 0 .. world_size - 1."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of worker processes."""
+        return self._world_size
+
+    @property
+    def device(self) -> Any:
+        """This rank's `torch.device`: ``cuda:<local rank>`` on GPUs, ``cpu`` otherwise."""
+        return self._device
+
+    def add_streaming_result(self, data: Any, as_text_event: bool = True) -> None:
+        """Send `data` to the caller now, as an intermediate result of the current request.
+
+        Only rank 0's events reach the caller: on other ranks, and in requests made with
+        `invoke` (not `stream`), this does nothing, so every rank may call it unconditionally.
+        With ``as_text_event=True`` a text-mode stream turns `data` into an SSE ``data: <json>``
+        frame; with False the caller gets `data` unchanged (e.g. bytes you formatted yourself).
+        Raises `TypeError` if `data` cannot be pickled.
+        """
+        if self._rank != 0 or not self._streaming or self._channel is None:
+            return
+        self._channel.send(("event", self._request_id, self._rank, as_text_event), protocol.encode(data))
+
+    def rank_print(self, message: Any) -> None:
+        """``print`` with a ``[rank N]`` prefix, flushed at once."""
+        print(f"[rank {self._rank}] {message}", flush=True)
+
+
+class _Channel:
+    """The worker's end of the runner's socket (a DEALER whose identity is the rank)."""
+
+    def __init__(self, address: str, rank: int):
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.IDENTITY, rank_identity(rank))
+        self._socket.setsockopt(zmq.SNDHWM, 0)  # never drop a result
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._socket.connect(address)
+        self._lock = threading.Lock()  # user code may stream from its own threads
+
+    def send(self, meta: tuple, body: protocol.Frames | None = None) -> None:
+        frames = protocol.pack(meta, body)
+        big = sum(memoryview(frame).nbytes for frame in frames) > 65536
+        with self._lock:
+            self._socket.send_multipart(frames, copy=not big)
+
+    def recv(self) -> tuple[tuple, protocol.Frames]:
+        return protocol.unpack(self._socket.recv_multipart(copy=False))  # blocks: no polling
+
+    def close(self) -> None:
+        self._socket.close(linger=1000)  # let the last replies out, but never block exit for long
+        self._context.term()
+
+
+def rank_identity(rank: int) -> bytes:
+    """The ZMQ routing identity of a rank's socket."""
+    return b"rank-%d" % rank
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a spawned process needs to become rank `rank` (all picklable, no torch objects)."""
+
+    worker_module: str
+    worker_qualname: str
+    world_size: int
+    address: str
+    store_port: int
+    device_type: str
+    num_threads: int
+    setup_kwargs: bytes
+
+
+def worker_main(rank: int, spec: WorkerSpec) -> None:
+    """Body of a worker process: connect, set up, serve requests until ``stop``."""
+    _install_signal_handlers()
+    _exit_with_parent()
+    channel = _Channel(spec.address, rank)
+    worker = _set_up(rank, spec, channel)
+    try:
+        if worker is not None:
+            _serve(worker, channel)
+        else:
+            _wait_for_stop(channel)  # setup failed: the runner has the error and will stop us
+    finally:
+        if worker is not None:
+            _tear_down(worker)
+        channel.close()
+
+
+def _install_signal_handlers() -> None:
+    # Ctrl-C reaches every process of the terminal's group: the runner owns shutdown, so workers
+    # ignore SIGINT; SIGTERM (stop() after its grace period) unwinds through teardown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_with_parent() -> None:
+    """If the runner's process dies (even by SIGKILL), exit instead of lingering as an orphan."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])  # blocks until the parent is gone
+        os._exit(70)
+
+    threading.Thread(target=watch, name="ditmesh-parent-watch", daemon=True).start()
+
+
+def _set_up(rank: int, spec: WorkerSpec, channel: _Channel) -> DistributedWorker | None:
+    """Initialise torch.distributed, build the worker, run its setup; report ready or the error."""
+    try:
+        device = _init_distributed(rank, spec)
+        worker_cls = _import_worker_class(spec.worker_module, spec.worker_qualname)
+        worker = worker_cls()
+        worker._rank, worker._world_size, worker._device, worker._channel = rank, spec.world_size, device, channel
+        worker.setup(**protocol.decode([spec.setup_kwargs]))
+    except Exception as exc:
+        channel.send(("setup_error", 0, rank), protocol.encode(protocol.error_info(exc, traceback.format_exc())))
+        return None
+    channel.send(("ready", 0, rank))
+    return worker
+
+
+def _init_distributed(rank: int, spec: WorkerSpec) -> Any:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(spec.world_size),
+                      LOCAL_WORLD_SIZE=str(spec.world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(spec.store_port))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(spec.num_threads)
+    if spec.device_type == "cuda":
+        device = torch.device("cuda", rank)  # one host: local rank == rank
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    store = dist.TCPStore("127.0.0.1", spec.store_port, is_master=False)  # served by the runner
+    if spec.device_type == "cuda":  # device_id: NCCL binds this rank's GPU now, not at the first collective
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=spec.world_size, device_id=device)
+    else:
+        if os.path.exists("/sys/class/net/lo"):  # one host: keep gloo's traffic on loopback
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world_size)
+    return device
+
+
+def _import_worker_class(module: str, qualname: str) -> type:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _serve(worker: DistributedWorker, channel: _Channel) -> None:
+    """Answer requests in arrival order (the same on every rank, so collectives line up)."""
+    while True:
+        meta, body = channel.recv()
+        if meta[0] == "stop":
+            return
+        _, request_id, streaming = meta
+        _handle(worker, channel, request_id, streaming, body)
+
+
+def _handle(worker: DistributedWorker, channel: _Channel, request_id: int, streaming: bool,
+            body: protocol.Frames) -> None:
+    """Run one request; an exception becomes an error reply and the loop carries on."""
+    rank = worker.rank
+    worker._request_id, worker._streaming = request_id, streaming
+    try:
+        payload = protocol.decode(body)
+        result = worker(streaming=streaming, **payload)
+        # Only rank 0's result is returned; the other ranks acknowledge (saves copying N results).
+        reply = protocol.encode(result if rank == 0 else None)
+    except Exception as exc:
+        error = protocol.error_info(exc, traceback.format_exc())
+        channel.send(("error", request_id, rank), protocol.encode(error))
+    else:
+        channel.send(("result", request_id, rank), reply)
+    finally:
+        worker._request_id, worker._streaming = None, False
+
+
+def _wait_for_stop(channel: _Channel) -> None:
+    while channel.recv()[0][0] != "stop":
+        pass
+
+
+def _tear_down(worker: DistributedWorker) -> None:
+    try:
+        worker.teardown()
+    except Exception:
+        print(f"[rank {worker.rank}] teardown failed:\n{traceback.format_exc()}", flush=True)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,72 @@
+"""Worker classes for tests/test_runner.py (module level: the spawned worker processes import them)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from ditmesh import DistributedWorker
+
+
+class EchoWorker(DistributedWorker):
+    """Sums ``x * scale * (rank + 1)`` over ranks with an all_reduce; payload keys switch on
+    streaming extras and faults."""
+
+    def setup(self, scale: float = 1.0) -> None:
+        self.scale = scale
+        self.calls = 0
+
+    def __call__(self, streaming: bool = False, x: float = 0.0, steps: int = 0, echo: object = None,
+                 raw_event: bytes | None = None, return_lock: bool = False,
+                 fail_rank: int | None = None, fail_before_collective_rank: int | None = None,
+                 die_rank: int | None = None, sleep: float = 0.0) -> object:
+        self.calls += 1
+        if die_rank == self.rank:
+            os._exit(3)
+        if fail_before_collective_rank == self.rank:
+            raise ValueError(f"rank {self.rank} refuses to join the all_reduce")
+        if sleep:
+            time.sleep(sleep)
+        total = torch.tensor([x * self.scale * (self.rank + 1)], device=self.device)
+        dist.all_reduce(total)  # the other ranks wait here for a rank that raised above
+        for step in range(steps):
+            self.add_streaming_result({"step": step, "rank": self.rank, "t_ns": time.perf_counter_ns()})
+        if echo is not None:
+            self.add_streaming_result(echo)
+        if raw_event is not None:
+            self.add_streaming_result(raw_event, as_text_event=False)
+        if fail_rank == self.rank:
+            raise ValueError(f"boom on rank {self.rank}")
+        if return_lock:
+            if streaming:
+                self.add_streaming_result(threading.Lock())  # raises TypeError in this rank
+            return threading.Lock()
+        return {"sum": total.item(), "world_size": self.world_size, "streaming": streaming,
+                "calls": self.calls, "echo": echo, "pid": os.getpid(), "threads": torch.get_num_threads()}
+
+
+class FailingSetupWorker(DistributedWorker):
+    """setup() raises on rank 1 (rank 0 waits in a barrier that rank 1 never reaches)."""
+
+    def setup(self, **kwargs: object) -> None:
+        if self.rank == 1:
+            raise KeyError("missing weights")
+        dist.barrier()
+
+    def __call__(self, streaming: bool = False) -> None:
+        return None
+
+
+class CudaWorker(DistributedWorker):
+    """All-reduces a bf16 CUDA tensor over NCCL; returns and streams it still on the GPU."""
+
+    def __call__(self, streaming: bool = False) -> dict:
+        tensor = torch.full((4,), float(self.rank + 1), device=self.device, dtype=torch.bfloat16)
+        dist.all_reduce(tensor)
+        self.add_streaming_result({"tensor": tensor})
+        return {"backend": dist.get_backend(), "device": str(self.device),
+                "current_device": torch.cuda.current_device(), "tensor": tensor}
