@@ -44,3 +44,54 @@ def merge_lse(
     w_b = torch.exp(lse_b - safe).unsqueeze(-1)
     out = out_a.float() * w_a + out_b.float() * w_b
     return out.to(out_a.dtype), lse
+
+
+# ---- Ulysses all-to-all layouts ---------------------------------------------------------------
+# Forward (sequence-sharded -> head-sharded), U ranks, h = H/U heads per rank, s = S/U tokens:
+#   x (B, s, H, D) --pack(split="heads")--> send (U, B, s, h, D): chunk u holds heads [u*h, (u+1)*h)
+#   all_to_all_single(recv, send) over dim 0: recv chunk u = rank u's sequence shard
+#   recv (U, B, s, h, D) --unpack(gather="seq")--> (B, U*s, h, D): full sequence, local heads
+# Backward (head-sharded -> sequence-sharded):
+#   y (B, S, h, D) --pack(split="seq")--> send (U, B, s, h, D): chunk u holds tokens [u*s, (u+1)*s)
+#   recv (U, B, s, h, D) --unpack(gather="heads")--> (B, s, U*h, D): local tokens, all heads
+
+
+def pack_for_all_to_all(
+    x_BSHD: torch.Tensor,
+    num_ranks: int,
+    split: str = "heads",
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Lay out x (B, S, H, D) as the contiguous send buffer (U, B, S', H', D) of `all_to_all_single`.
+
+    split="heads": chunk u holds heads u*H/U.. (S' = S, H' = H/U); split="seq": chunk u holds
+    tokens u*S/U.. (S' = S/U, H' = H). With `norm_weight` (D,), an RMSNorm over the head dim
+    (QK norm of FLUX/SD3) is applied first, computed in float32.
+    """
+    batch, seq, heads, dim = x_BSHD.shape
+    if norm_weight is not None:
+        x_BSHD = rms_norm(x_BSHD, norm_weight, eps)
+    if split == "heads":
+        return x_BSHD.reshape(batch, seq, num_ranks, heads // num_ranks, dim).permute(2, 0, 1, 3, 4).contiguous()
+    if split == "seq":
+        return x_BSHD.reshape(batch, num_ranks, seq // num_ranks, heads, dim).transpose(0, 1).contiguous()
+    raise ValueError(f"split must be 'heads' or 'seq', got {split!r}")
+
+
+def unpack_after_all_to_all(buf_UBSHD: torch.Tensor, gather: str = "seq") -> torch.Tensor:
+    """Undo the all-to-all layout: recv (U, B, S', H', D) -> (B, U*S', H', D) for gather="seq",
+    or (B, S', U*H', D) for gather="heads"."""
+    num_ranks, batch, seq, heads, dim = buf_UBSHD.shape
+    if gather == "seq":
+        return buf_UBSHD.transpose(0, 1).reshape(batch, num_ranks * seq, heads, dim)
+    if gather == "heads":
+        return buf_UBSHD.permute(1, 2, 0, 3, 4).reshape(batch, seq, num_ranks * heads, dim)
+    raise ValueError(f"gather must be 'seq' or 'heads', got {gather!r}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim in float32, scaled by `weight`, returned in x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(x.dtype)
