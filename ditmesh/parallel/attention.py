@@ -164,8 +164,12 @@ def _attend_shards(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale):
         def attend(q_, k_, v_):
             return local_attention(q_, k_, v_, ctx.backend, scale=scale, return_lse=True)
 
+        def step(q_, k_, v_, prev_out, prev_lse):
+            return kernels.attention_merge_lse(q_, k_, v_, prev_out, prev_lse, scale)
+
         extra = (kt, vt) if num_text else None
-        out, _ = ring_attention(q, ki, vi, ctx.ring_group, attend, valid_keys=valid, extra_kv=extra)
+        fused = step if ctx.backend == "auto" else None  # other backends: attend, then merge
+        out, _ = ring_attention(q, ki, vi, ctx.ring_group, attend, valid_keys=valid, extra_kv=extra, step=fused)
     return out[:, :, num_text:], out[:, :, :num_text]
 
 
