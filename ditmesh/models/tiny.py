@@ -100,3 +100,196 @@ def sd3_transformer_inputs(*, batch: int = 1, height: int = 32, width: int = 32,
         timestep=torch.full((batch,), 700.0),
         return_dict=False,
     )
+
+
+# ---- tiny pipelines: the real diffusers pipeline classes with tiny components ----------------
+
+TINY_PIPELINES = ("tiny-flux", "tiny-sd3", "tiny-sdxl")
+TINY_SIZE = 128
+"""Default image size (pixels) for the tiny pipelines: 16x16 latents, 64 FLUX/SD3 image tokens."""
+_MAX_TOKENS = 77  # CLIP context length, as in the real CLIP tokenizers
+
+
+def tiny_pipeline(name: str, seed: int = 0):
+    """A tiny random "tiny-flux" (`FluxPipeline`), "tiny-sd3" (`StableDiffusion3Pipeline`) or
+    "tiny-sdxl" (`StableDiffusionXLPipeline`), built offline and deterministic from `seed`.
+
+    Real pipeline classes, schedulers, text encoders, tokenizers (built in code, no download)
+    and an 8x VAE, so sizes, CFG batching and every code path match the full models; a 128x128
+    image in a few steps takes well under a second on a CPU.
+    """
+    builders = {"tiny-flux": _tiny_flux_pipeline, "tiny-sd3": _tiny_sd3_pipeline, "tiny-sdxl": _tiny_sdxl_pipeline}
+    if name not in builders:
+        raise ValueError(f"unknown tiny pipeline {name!r}; use one of {', '.join(TINY_PIPELINES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = builders[name](seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_flux_pipeline(seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    return FluxPipeline(
+        transformer=tiny_flux_transformer(seed=seed),
+        vae=_tiny_vae(flow=True),
+        text_encoder=_tiny_clip(hidden=CLIP_DIM, projection=None),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=_tiny_t5(),
+        tokenizer_2=tiny_t5_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+        ),
+    )
+
+
+def _tiny_sd3_pipeline(seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    # Prompt embeddings are [CLIP-L hidden ++ CLIP-G hidden, padded to T5 width] then T5 tokens,
+    # so the two CLIP hidden widths add up to T5_DIM; their projections (pooled) to 2 * CLIP_DIM.
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(seed=seed),
+        vae=_tiny_vae(flow=True),
+        text_encoder=_tiny_clip(hidden=T5_DIM // 2, projection=CLIP_DIM),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=_tiny_clip(hidden=T5_DIM // 2, projection=CLIP_DIM),
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=_tiny_t5(),
+        tokenizer_3=tiny_t5_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+def _tiny_sdxl_pipeline(seed: int):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        unet=tiny_sdxl_unet(seed=seed),
+        vae=_tiny_vae(flow=False),
+        text_encoder=_tiny_clip(hidden=CLIP_DIM, projection=None),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=_tiny_clip(hidden=CLIP_DIM, projection=CLIP_DIM),
+        tokenizer_2=tiny_clip_tokenizer(),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+        ),
+    )
+
+
+def tiny_sdxl_unet(*, seed: int = 0):
+    """A `UNet2DConditionModel` like SDXL's (cross-attention on two CLIPs, text-time added
+    conditioning), a few hundred k parameters."""
+    from diffusers import UNet2DConditionModel
+
+    time_dim = 8
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=LATENT_CHANNELS,
+            out_channels=LATENT_CHANNELS,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=2 * CLIP_DIM,  # both CLIP hidden states, concatenated
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + CLIP_DIM,  # 6 size ids + pooled CLIP-G
+            norm_num_groups=16,
+        )
+    return model.eval()
+
+
+def _tiny_vae(*, flow: bool):
+    # Four blocks: the 8x down-scaling of the real VAEs, so size rules are the real ones.
+    from diffusers import AutoencoderKL
+
+    extra = dict(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=TINY_SIZE,
+        **(extra if flow else {}),
+    ).eval()
+
+
+def _tiny_clip(*, hidden: int, projection: int | None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(_clip_vocab()),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=_MAX_TOKENS,
+        projection_dim=projection or hidden,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="gelu",
+    )
+    model_cls = CLIPTextModel if projection is None else CLIPTextModelWithProjection
+    return model_cls(config).eval()
+
+
+def _tiny_t5():
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(_t5_vocab()),
+        d_model=T5_DIM,
+        d_kv=8,
+        d_ff=2 * T5_DIM,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def tiny_clip_tokenizer():
+    """A `CLIPTokenizer` (byte-level BPE) over single bytes, built in code: no download."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab=_clip_vocab(), merges=[], model_max_length=_MAX_TOKENS)
+
+
+def tiny_t5_tokenizer():
+    """A `T5Tokenizer` (Unigram) over single characters and a few words, built in code."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=_t5_vocab(), extra_ids=0, model_max_length=512)
+
+
+def _clip_vocab() -> dict[str, int]:
+    # Every byte (byte-level alphabet) alone and as a word end, so any text tokenizes.
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + alphabet + [f"{char}</w>" for char in alphabet]
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def _t5_vocab() -> list[tuple[str, float]]:
+    import string
+
+    chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
+    words = ["a", "the", "of", "and", "in", "with", "photo", "cat", "dog", "astronaut", "horse"]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(f"▁{word}", -1.0) for word in words] + [(char, -3.0) for char in chars]
+    return pieces

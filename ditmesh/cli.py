@@ -1,0 +1,138 @@
+"""`ditmesh` command line: ``ditmesh generate`` runs a pipeline on several processes (GPUs).
+
+    ditmesh generate --model tiny-flux --parallel ulysses=2 -o out.png
+    ditmesh generate --model /models/FLUX.1-dev --parallel cfg=2,ulysses=4 \\
+        --prompt "a cat" --negative-prompt "blurry" --true-cfg-scale 4 --steps 28 -o cat.png
+
+One process per rank is spawned through `DistributedRunner` (the product of the parallel degrees;
+NCCL on GPUs, gloo on CPU); rank 0's progress is drawn here and the images are written here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ditmesh.config import ParallelConfig
+
+TINY_MODELS = ("tiny-flux", "tiny-sd3", "tiny-sdxl")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ditmesh`` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as error:  # user errors name their fix; no traceback
+        print(f"ditmesh: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditmesh", description="Diffusion transformers and U-Nets on many GPUs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate images from a prompt",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen.add_argument("--model", default="tiny-flux",
+                     help=f"{', '.join(TINY_MODELS)} (tiny random, offline) or a local diffusers folder (model_index.json)")
+    gen.add_argument("--parallel", default="serial",
+                     help='degrees, e.g. "cfg=2,ulysses=2" (data, cfg, pipefusion, ring, ulysses, tensor); '
+                          "their product is the number of processes")
+    gen.add_argument("--prompt", default="a photo of an astronaut riding a horse")
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--steps", type=int, default=4, help="denoising steps")
+    gen.add_argument("--height", type=int, default=None, help="pixels (default: the model's; 128 for tiny models)")
+    gen.add_argument("--width", type=int, default=None, help="pixels (default: the model's; 128 for tiny models)")
+    gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    gen.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the pipeline's)")
+    gen.add_argument("--true-cfg-scale", type=float, default=None,
+                     help="FLUX true classifier-free guidance (needs --negative-prompt; what cfg=2 splits)")
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt (data=N generates them in parallel)")
+    gen.add_argument("--dtype", choices=DTYPES, default="float32")
+    gen.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                     help="auto: one GPU per process if there are GPUs, else CPU processes")
+    gen.add_argument("-o", "--output", default="out.png", help="image path; several images: out_0.png, out_1.png, ...")
+    gen.set_defaults(run=_generate)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    config = ParallelConfig.parse(args.parallel)
+    _check_model(args.model)
+    # Library advisories (optional packages not installed) in every worker drown the progress bar;
+    # the workers inherit this environment. Set the variables yourself to see them.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    payload = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, height=args.height,
+                   width=args.width, seed=args.seed, num_images=args.num_images, guidance=args.guidance)
+    if args.true_cfg_scale is not None:
+        payload["true_cfg_scale"] = args.true_cfg_scale
+    device_type = None if args.device == "auto" else args.device
+    started = time.perf_counter()
+    result = asyncio.run(_run(config, device_type, dict(model=args.model, parallel=str(config), dtype=args.dtype), payload))
+    paths = _save(result["images"], Path(args.output))
+    total = time.perf_counter() - started
+    print(f"wrote {', '.join(map(str, paths))} ({result['images'][0].width}x{result['images'][0].height}, "
+          f"{config.world_size} process(es), {config}): generation {result['seconds']:.2f} s, total {total:.2f} s")
+    return 0
+
+
+async def _run(config: ParallelConfig, device_type: str | None, setup: dict[str, Any], payload: dict[str, Any]) -> Any:
+    from ditmesh.runner.diffusion import DiffusionWorker
+    from ditmesh.runner.protocol import RemoteError
+    from ditmesh.runner.runner import DistributedRunner
+
+    runner = DistributedRunner(DiffusionWorker, world_size=config.world_size, device_type=device_type, setup_kwargs=setup)
+    try:
+        async with runner:  # starts the ranks: DiffusionWorker.setup(**setup) on each
+            result = None
+            async for item in runner.stream(payload, as_text_events=False):
+                if isinstance(item, dict) and "step" in item:
+                    _draw_progress(item["step"], item["of"])
+                else:
+                    result = item
+            print(file=sys.stderr)
+            return result
+    except RemoteError as error:
+        if error.exc_type.endswith("ValueError"):
+            raise ValueError(error.message) from None  # a user error on the ranks: show just its message
+        raise
+
+
+def _draw_progress(step: int, of: int, width: int = 30) -> None:
+    filled = width * step // max(of, 1)
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] step {step}/{of}", end="", file=sys.stderr, flush=True)
+
+
+def _check_model(model: str) -> None:
+    # Fail before spawning processes; the workers raise the same errors (loading.py).
+    if model in TINY_MODELS:
+        return
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"--model {model!r} is neither a tiny model ({', '.join(TINY_MODELS)}) nor a folder; "
+                         "pass a tiny name or the path of a downloaded diffusers folder (with model_index.json)")
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"no model_index.json in {folder}; pass the folder in diffusers layout that holds it")
+
+
+def _save(images: list[Any], output: Path) -> list[Path]:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if len(images) == 1:
+        paths = [output]
+    else:
+        paths = [output.with_name(f"{output.stem}_{i}{output.suffix or '.png'}") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+    return paths
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""Data parallelism: the images of one pipeline call are split across the data axis.
+
+A call ``pipe(prompt=[p0, p1, p2], num_images_per_prompt=k, ...)`` asks for n = 3k images, in
+diffusers' order (prompt-major: p0's k images, then p1's, ...). Data group g generates a
+contiguous share of them (uneven shares differ by at most one image; a group with no share
+idles), and the ranks of data group 0 (global rank 0 among them) gather all n images back in
+order. Ranks of the other groups return their own share (``None`` when it is empty).
+
+Seeds: image i is always drawn from its own generator, so the result does not depend on the
+data degree. With ``generator=torch.Generator(device).manual_seed(s)`` image i uses seed s + i:
+the call equals the serial call ``pipe(..., generator=[torch.Generator(device).manual_seed(s + i)
+for i in range(n)])`` (for one image: the serial call with the same generator). A list of n
+generators is split as given. Without a generator, rank 0 picks a seed and broadcasts it, so all
+ranks that share an image draw the same noise.
+
+`DataParallelPipeline` is also the outermost wrapper for every parallel config (data degree 1
+included): it checks the image size against the model (`adapter.size_multiple`) and makes the
+noise agree across the ranks that cooperate on an image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ditmesh.parallel.mesh import ParallelMesh
+
+
+def apply(pipe: Any, mesh: ParallelMesh, adapter: Any, config: Any) -> Any:
+    """Split the images of each call of `pipe` across the data axis; returns the wrapped pipeline."""
+    return DataParallelPipeline(pipe, mesh, adapter)
+
+
+class PipelineWrapper:
+    """A pipeline stand-in: subclasses override `__call__`; everything else reaches the pipeline."""
+
+    def __init__(self, pipe: Any):
+        object.__setattr__(self, "_pipe", pipe)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._pipe, name, value)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._pipe!r})"
+
+
+class DataParallelPipeline(PipelineWrapper):
+    """A pipeline whose calls split their images across the data axis (see the module docstring)."""
+
+    def __init__(self, pipe: Any, mesh: ParallelMesh, adapter: Any):
+        super().__init__(pipe)
+        self._mesh = mesh
+        self._adapter = adapter
+
+    def __call__(self, prompt: Any = None, **kwargs: Any) -> Any:
+        kwargs["prompt"] = prompt
+        check_size(self._adapter, kwargs.get("height"), kwargs.get("width"))
+        num_prompts = _num_prompts(kwargs)
+        per_prompt = kwargs.pop("num_images_per_prompt", None) or 1
+        num_images = num_prompts * per_prompt
+        generators = per_image_generators(kwargs.pop("generator", None), num_images)
+        start, stop = shard(num_images, self._mesh.size("data"), self._mesh.rank("data"))
+        local = _slice_call(kwargs, num_prompts, per_prompt, start, stop)
+        out = self._pipe(**local, generator=generators[start:stop], num_images_per_prompt=1) if stop > start else None
+        return self._gather(out, kwargs.get("return_dict", True))
+
+    def _gather(self, out: Any, return_dict: bool) -> Any:
+        if self._mesh.size("data") == 1:
+            return out
+        images = None if out is None else (out.images if return_dict else out[0])
+        shares = [None] * self._mesh.size("data") if self._mesh.rank("data") == 0 else None
+        # Every rank takes part (idle groups send None); data rank 0 of each group receives.
+        dist.gather_object(_to_cpu(images), shares, dst=self._mesh.group_ranks("data")[0], group=self._mesh.group("data"))
+        if shares is None:
+            return out
+        assert out is not None, "data group 0 always has a share"
+        combined = _concat([share for share in shares if share is not None], like=images)
+        if return_dict:
+            out.images = combined
+            return out
+        return (combined, *out[1:])
+
+
+def check_size(adapter: Any, height: int | None, width: int | None) -> None:
+    """Raise `ValueError` naming valid sizes unless height and width are multiples of the model's."""
+    multiple = adapter.size_multiple
+    for name, value in (("height", height), ("width", width)):
+        if value is None or value % multiple == 0:
+            continue
+        lower = value // multiple * multiple
+        valid = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
+        raise ValueError(f"{name} {value} is not a multiple of {multiple} ({adapter.name}); use {valid}")
+
+
+def per_image_generators(generator: Any, num_images: int) -> list[torch.Generator]:
+    """One generator per image: a list is kept; a generator seeded s gives seeds s, s+1, ...;
+    None gives a seed picked on rank 0 and broadcast (collective when torch.distributed is up)."""
+    if isinstance(generator, list):
+        if len(generator) != num_images:
+            raise ValueError(f"got {len(generator)} generators for {num_images} images; pass one generator or {num_images}")
+        return generator
+    if generator is None:
+        seed = [int(torch.randint(0, 2**62, ()))]
+        if dist.is_initialized():
+            dist.broadcast_object_list(seed, src=0)
+        generator = torch.Generator().manual_seed(seed[0])
+    base = generator.initial_seed()
+    return [torch.Generator(generator.device).manual_seed(base + i) for i in range(num_images)]
+
+
+def shard(num_items: int, num_shards: int, index: int) -> tuple[int, int]:
+    """[start, stop) of shard `index` when `num_items` split into `num_shards` near-equal runs."""
+    base, extra = divmod(num_items, num_shards)
+    start = index * base + min(index, extra)
+    return start, start + base + (index < extra)
+
+
+def _num_prompts(kwargs: dict[str, Any]) -> int:
+    prompt = kwargs.get("prompt")
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    if kwargs.get("prompt_embeds") is not None:
+        return kwargs["prompt_embeds"].shape[0]
+    raise ValueError("pass prompt= (a string or a list of strings) or prompt_embeds=")
+
+
+def _slice_call(kwargs: dict[str, Any], num_prompts: int, per_prompt: int, start: int, stop: int) -> dict[str, Any]:
+    """This share's call arguments: per-prompt arguments (lists and tensors with one row per
+    prompt: prompts, negative prompts, embeddings) expanded to one row per image and sliced;
+    per-image ``latents`` sliced; everything else as given."""
+    local = {}
+    for name, value in kwargs.items():
+        if "prompt" in name and isinstance(value, list) and len(value) == num_prompts:
+            value = [item for item in value for _ in range(per_prompt)][start:stop]
+        elif "prompt" in name and isinstance(value, torch.Tensor) and value.shape[0] == num_prompts:
+            value = value.repeat_interleave(per_prompt, dim=0)[start:stop]
+        elif name == "latents" and isinstance(value, torch.Tensor):
+            value = value[start:stop]
+        local[name] = value
+    if isinstance(local.get("prompt"), str):
+        local["prompt"] = [local["prompt"]] * (stop - start)
+    return local
+
+
+def _to_cpu(images: Any) -> Any:
+    return images.cpu() if isinstance(images, torch.Tensor) else images
+
+
+def _concat(shares: list[Any], like: Any) -> Any:
+    """Shares of images (PIL lists, numpy or torch batches) as one batch of `like`'s kind."""
+    if isinstance(like, torch.Tensor):
+        return torch.cat(shares).to(like.device)
+    if isinstance(like, np.ndarray):
+        return np.concatenate(shares)
+    return [image for share in shares for image in share]
