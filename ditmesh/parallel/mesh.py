@@ -25,9 +25,11 @@ class ParallelMesh:
     ``"sequence"`` axis is ring x ulysses.
     """
 
-    def __init__(self, device_mesh: DeviceMesh, config: ParallelConfig):
+    def __init__(self, device_mesh: DeviceMesh, config: ParallelConfig,
+                 extra_groups: dict[str, dist.ProcessGroup] | None = None):
         self.device_mesh = device_mesh
         self.config = config
+        self._extra_groups = extra_groups or {}
 
     @classmethod
     def build(cls, config: ParallelConfig, device_type: str | None = None) -> ParallelMesh:
@@ -40,7 +42,14 @@ class ParallelMesh:
         device_mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
         for name, axes in FLAT_AXES.items():
             device_mesh[axes]._flatten(name)
-        return cls(device_mesh, config)
+        extra_groups = {}
+        if config.pipefusion_degree > 1:
+            # PipeFusion's latent return path (last stage -> stage 0) gets its own groups. On NCCL
+            # a group's P2P operations between two ranks run in order on one stream, so a receive
+            # stage 0 posts early for a returning latent would block its own forward sends, which
+            # the last stage needs before it can send that latent: a deadlock gloo never shows.
+            extra_groups["pipefusion_return"] = _duplicate_axis_groups(device_mesh, "pipefusion")
+        return cls(device_mesh, config, extra_groups)
 
     def _axis_mesh(self, axis: str) -> DeviceMesh:
         if axis not in AXES and axis not in FLAT_AXES:
@@ -48,7 +57,9 @@ class ParallelMesh:
         return self.device_mesh[axis]
 
     def group(self, axis: str) -> dist.ProcessGroup:
-        """Process group of this rank along `axis`."""
+        """Process group of this rank along `axis` (or a named extra group, e.g. "pipefusion_return")."""
+        if axis in self._extra_groups:
+            return self._extra_groups[axis]
         return self._axis_mesh(axis).get_group()
 
     def rank(self, axis: str) -> int:
@@ -81,3 +92,14 @@ class ParallelMesh:
 
     def __repr__(self) -> str:
         return f"ParallelMesh({self.config}, layout={self.layout.flatten().tolist()})"
+
+
+def _duplicate_axis_groups(device_mesh: DeviceMesh, axis: str) -> dist.ProcessGroup:
+    """A second set of process groups with the same ranks as `axis`'s groups; this rank's one.
+
+    Collective: every rank creates every group, in the same order.
+    """
+    layout = device_mesh.mesh.movedim(AXES.index(axis), -1)
+    rank_lists = layout.reshape(-1, layout.shape[-1]).tolist()
+    mine, _ = dist.new_subgroups_by_enumeration(rank_lists)
+    return mine

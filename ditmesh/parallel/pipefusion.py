@@ -248,8 +248,11 @@ class _Stage:
     """One rank's stage: its blocks, the P2P neighbours, and the loop over scheduled items."""
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module], plan: StagePlan, group: dist.ProcessGroup,
-                 context: PatchContext, sequence: Any = None):
+                 context: PatchContext, sequence: Any = None, return_group: dist.ProcessGroup | None = None):
         self.model, self.blocks, self.plan, self.group, self.context = model, blocks, plan, group, context
+        # Latents going back from the last stage to stage 0 travel on their own group (same ranks):
+        # see ParallelMesh.build for the NCCL ordering hazard this avoids.
+        self.return_group = return_group or group
         self.sequence = sequence  # the sequence-parallel context (Ulysses inside each stage) or None
         self.num_shards = dist.get_world_size(sequence.sequence_group) if sequence else 1
         self.shard = dist.get_rank(sequence.sequence_group) if sequence else 0
@@ -285,7 +288,7 @@ class _Stage:
                 prediction, latent[region] = update(result, item.step, item, latent[region])
                 outputs.append((item, prediction))
                 if item.step < items[-1].step:  # back to stage 0 for the next step
-                    sends.append(dist.isend(latent[region].contiguous(), self.next_rank, group=self.group, tag=_LATENT_TAG))
+                    sends.append(dist.isend(latent[region].contiguous(), self.next_rank, group=self.return_group, tag=_LATENT_TAG))
             else:
                 sends.append(dist.isend(result.contiguous(), self.next_rank, group=self.group, tag=_HIDDEN_TAG))
             # Drop finished sends without blocking: waiting here could close a cycle of ranks
@@ -352,12 +355,12 @@ class _Stage:
             return None
         step, patch = message
         shape = latent[patch.latent(self.plan.latent_row_dim)].shape
-        buf, work = self._post(shape, self.last_rank, _LATENT_TAG, latent.dtype, latent.device)
+        buf, work = self._post(shape, self.last_rank, _LATENT_TAG, latent.dtype, latent.device, self.return_group)
         return (step, patch), buf, work
 
-    def _post(self, shape, src: int, tag: int, dtype, device):
+    def _post(self, shape, src: int, tag: int, dtype, device, group: dist.ProcessGroup | None = None):
         buf = torch.empty(shape, dtype=dtype, device=device)
-        return buf, dist.irecv(buf, src, group=self.group, tag=tag)
+        return buf, dist.irecv(buf, src, group=group or self.group, tag=tag)
 
 
 
@@ -376,7 +379,8 @@ class PipeFusionTransformer(nn.Module):
 
     def __init__(self, model: nn.Module, plan: StagePlan, group: dist.ProcessGroup, config: ParallelConfig,
                  scheduler: Any, text_side: str | None, guidance_scale: Callable[[], float | None] = lambda: None,
-                 cfg_group: dist.ProcessGroup | None = None, sequence: Any = None):
+                 cfg_group: dist.ProcessGroup | None = None, sequence: Any = None,
+                 return_group: dist.ProcessGroup | None = None):
         super().__init__()
         ranks = dist.get_process_group_ranks(group)
         # Sequence-parallel attention always hands the local kernel [text, image].
@@ -384,7 +388,7 @@ class PipeFusionTransformer(nn.Module):
         self.model = model
         blocks = keep_stage(model, plan, ranks.index(dist.get_rank()), len(ranks))
         install_stale_kv(blocks, self.context)
-        self._stage = _Stage(model, blocks, plan, group, self.context, sequence)
+        self._stage = _Stage(model, blocks, plan, group, self.context, sequence, return_group)
         self._plan, self._config, self._scheduler, self._guidance_scale = plan, config, scheduler, guidance_scale
         self._cfg_group = cfg_group  # set when cfg=2 runs the other guidance branch on a peer pipeline
         self._predictions: dict[int, torch.Tensor] = {}
@@ -545,6 +549,7 @@ def apply_pipefusion(pipe: Any, mesh: Any, adapter: Any) -> Any:
     # stale-K/V wrappers wrap) and the head's gather hook; the stage loop shards each patch.
     sequence = getattr(model, SEQUENCE_HANDLE).ctx if config.ulysses_degree > 1 else None
     wrapper = PipeFusionTransformer(model, adapter.stage_plan, mesh.group("pipefusion"), config, scheduler,
-                                    adapter.joint_text, guidance, cfg_group, sequence)
+                                    adapter.joint_text, guidance, cfg_group, sequence,
+                                    mesh.group("pipefusion_return"))
     setattr(pipe, adapter.denoiser_attr, wrapper)
     return pipe
