@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from ditmesh.config import ParallelConfig
-from ditmesh.models import adapter_for
+from ditmesh.models.base import adapter_for  # not ditmesh.models: the family files import strategy plans (cycle)
 from ditmesh.parallel.mesh import ParallelMesh
 
 
@@ -20,13 +21,69 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     the pipeline is returned as it is.
     """
     if config.world_size == 1 and not dist.is_initialized():
+        # One process: on CUDA the single-GPU fast path (fused QKV, cuDNN attention, regional
+        # compile); on CPU the pipeline as it is.
+        if _on_cuda(pipe):
+            from ditmesh.parallel.fastpath import apply_fastpath
+
+            return apply_fastpath(pipe)
         return pipe
     adapter = adapter_for(pipe)
+    # 0. validate: every rule that can refuse this config (validate.py), before the mesh's
+    #    collectives and any weight change, so all ranks raise the same ValueError and stay usable.
+    _validate(pipe, config, mesh)
     mesh = mesh or ParallelMesh.build(config)
-    # Order matters; each step wraps what the previous ones produced:
-    # 1. tensor: shard the denoiser's weights in place (innermost: before anything wraps modules).
-    # 2. sequence (ulysses, ring): split/gather hooks and sequence-parallel attention processors.
-    # 3. pipefusion: split the blocks into stages; takes over the denoising loop.
+    # Order matters: inner strategies first, each later step wraps what the earlier ones produced,
+    # so any combination of degrees composes (the rank layout of the axes is mesh.py's business):
+    # 1. tensor: shard the denoiser's weights in place (innermost: `parallelize_module` needs the
+    #    plain nn.Linear modules, before anything wraps or drops them; attention modules then see
+    #    their local head count, which Ulysses in step 2 splits further).
+    from ditmesh.parallel import tensor
+
+    # A pipeline holds the denoiser under `denoiser_attr`; a bare transformer is the denoiser.
+    tensor.apply(getattr(pipe, adapter.denoiser_attr, pipe), mesh, adapter, config)
+    # 2. sequence (ulysses, ring): split/gather hooks and sequence-parallel attention processors,
+    #    on the denoiser itself: before step 3 replaces it (PipeFusion's stale-K/V processors wrap
+    #    these, and its stage loop shards each patch with their context) and before step 4 wraps it
+    #    (the cfg wrapper halves the batch, then the hooks split that half's tokens).
+    from ditmesh.parallel import sequence
+
+    if config.sequence_degree > 1:
+        sequence.apply(getattr(pipe, adapter.denoiser_attr, pipe), mesh, adapter, config)
+    # 3. pipefusion: split the blocks into stages; takes over the denoising loop. Inside cfg: each
+    #    guidance branch runs its own pipeline of stages, exchanging predictions per patch.
+    if config.pipefusion_degree > 1:
+        from ditmesh.parallel.pipefusion import apply_pipefusion
+
+        pipe = apply_pipefusion(pipe, mesh, adapter)
     # 4. cfg: each cfg rank computes one guidance branch; predictions are gathered every step.
+    #    It wraps whatever denoiser steps 1-3 left (plain, sharded, sequence-parallel or a stage).
+    from ditmesh.parallel import cfg, data
+
+    if config.cfg_degree > 1:
+        pipe = cfg.apply(pipe, mesh, adapter, config)
     # 5. data: split the batch of prompts/images across data replicas; rank 0 collects the images.
+    #    A pipeline always gets this outermost wrapper (data degree 1 included): it checks the image
+    #    size and makes every rank that works on an image (its cfg x pipefusion x ring x ulysses x
+    #    tensor ranks) draw the same noise.
+    if hasattr(pipe, adapter.denoiser_attr):
+        pipe = data.apply(pipe, mesh, adapter, config)
+    assert config.data_degree == 1 or hasattr(pipe, adapter.denoiser_attr), "validate refuses data>1 on a bare denoiser"
     return pipe
+
+
+def _validate(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None) -> None:
+    if not dist.is_initialized():
+        return  # ParallelMesh.build raises, saying how to initialise
+    from ditmesh.parallel import validate
+
+    # The device the mesh is (or will be) on: ring attention's backend must run there.
+    nccl = torch.cuda.is_available() and dist.get_backend() == "nccl"
+    device_type = mesh.device.type if mesh is not None else ("cuda" if nccl else "cpu")
+    validate.check(pipe, config, dist.get_world_size(), device_type)
+
+
+def _on_cuda(pipe: Any) -> bool:
+    # The denoiser's device decides (a pipeline's `.device` is its first module's).
+    device = getattr(pipe, "device", None)
+    return device is not None and torch.device(device).type == "cuda"
