@@ -515,6 +515,41 @@ def _cfg_update(update, batched_cfg: bool):
 # ---- parallelize step 3 ---------------------------------------------------------------------
 
 
+def composition_problems(pipe: Any, config: ParallelConfig, adapter: Any) -> list[str]:
+    """Every reason PipeFusion cannot run `config` on `pipe` (a pipeline with a stage plan).
+
+    Pure: no collective, no change, so `validate` calls it before anything is touched."""
+    if config.pipefusion_degree == 1:
+        return []
+    problems = []
+    denoiser = getattr(pipe, adapter.denoiser_attr, pipe)
+    num_blocks = sum(len(getattr(denoiser, attr)) for attr in adapter.stage_plan.blocks)
+    if config.pipefusion_degree > num_blocks:
+        problems.append(
+            f"pipefusion={config.pipefusion_degree} needs a block per stage but the model has {num_blocks} blocks; "
+            f"use pipefusion <= {num_blocks} and put the other GPUs on data or cfg"
+        )
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is not None and (
+        type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler" or scheduler.config.get("stochastic_sampling")
+    ):
+        problems.append(
+            f"PipeFusion updates patches with the deterministic flow-matching Euler step; the pipeline's scheduler is "
+            f"{type(scheduler).__name__}; use FlowMatchEulerDiscreteScheduler (stochastic_sampling=False) or pipefusion=1"
+        )
+    if config.ring_degree > 1 or config.tensor_degree > 1:
+        problems.append(
+            f"pipefusion x ring/tensor is not supported yet (got {config}); PipeFusion composes with ulysses, cfg and "
+            "data: use e.g. 'pipefusion=2,ulysses=2,cfg=2'"
+        )
+    if config.cfg_degree > 1 and adapter.cfg_mode != "batched":
+        problems.append(
+            f"pipefusion x cfg supports batched guidance (SD3); {adapter.name} runs CFG as two sequential calls, "
+            "which PipeFusion's one-call-per-step loop cannot pair; drop cfg=2 (e.g. use pipefusion or ulysses for those GPUs)"
+        )
+    return problems
+
+
 def apply_pipefusion(pipe: Any, mesh: Any, adapter: Any) -> Any:
     """Replace the pipeline's transformer by this rank's `PipeFusionTransformer` stage (step 3)."""
     config = mesh.config
@@ -525,22 +560,10 @@ def apply_pipefusion(pipe: Any, mesh: Any, adapter: Any) -> Any:
         )
     if adapter.stage_plan is None:
         raise ValueError(f"PipeFusion does not support {adapter.name} yet (no stage plan); use pipefusion=1")
-    scheduler = getattr(pipe, "scheduler", None)
-    if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler" or scheduler.config.get("stochastic_sampling"):
-        raise ValueError(
-            f"PipeFusion updates patches with the deterministic flow-matching Euler step; the pipeline's scheduler is "
-            f"{type(scheduler).__name__}; use FlowMatchEulerDiscreteScheduler (stochastic_sampling=False) or pipefusion=1"
-        )
-    if config.ring_degree > 1 or config.tensor_degree > 1:
-        raise ValueError(
-            f"pipefusion x ring/tensor is not supported yet (got {config}); PipeFusion composes with ulysses, cfg and "
-            "data: use e.g. 'pipefusion=2,ulysses=2,cfg=2'"
-        )
-    if config.cfg_degree > 1 and adapter.cfg_mode != "batched":
-        raise ValueError(
-            f"pipefusion x cfg supports batched guidance (SD3); {adapter.name} runs CFG as two sequential calls, "
-            "which PipeFusion's one-call-per-step loop cannot pair; drop cfg=2 (e.g. use pipefusion or ulysses for those GPUs)"
-        )
+    problems = composition_problems(pipe, config, adapter)
+    if problems:
+        raise ValueError(problems[0])
+    scheduler = pipe.scheduler
     guidance = (lambda: pipe.guidance_scale if pipe.do_classifier_free_guidance else None) \
         if adapter.cfg_mode == "batched" else (lambda: None)
     model = getattr(pipe, adapter.denoiser_attr)

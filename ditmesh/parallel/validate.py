@@ -17,15 +17,16 @@ The rules (per axis, then per pair):
   dividing the heads per tensor rank waste no attention compute; `valid_configs(...,
   allow_head_padding=False)` keeps those only.
 - ring: the attention backend must return log-sum-exp (`attention.resolve_backend`).
-- pipefusion: at most one stage per block; composes with data, cfg and ulysses (Ulysses inside
-  each stage), not (yet) with ring/tensor; cfg only for pipelines with batched guidance (SD3),
-  not FLUX's two sequential calls. Patches vs image height (`pipefusion.patch_rows`) and token
+- pipefusion (`pipefusion.composition_problems`, the strategy's own rules): at most one stage
+  per block; a deterministic flow-matching Euler scheduler; composes with data, cfg and ulysses
+  (Ulysses inside each stage), not (yet) with ring/tensor; cfg only for pipelines with batched
+  guidance (SD3), not FLUX's two sequential calls. Patches vs image height (`pipefusion.patch_rows`) and token
   columns vs the ulysses degree are checked at call time by pipefusion.py; `valid_configs`
   applies them too when given a height/width.
 
 Checked at call time by the strategies, not here: cfg=2 without guidance in the call
 (`cfg.py`), the image size against the model (`data.check_size`), patches vs height
-(`pipefusion.py`), PipeFusion's scheduler (`apply_pipefusion`; it runs before any weight change).
+(`pipefusion.py`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def config_problems(pipe: Any, config: ParallelConfig, *, device_type: str = "cp
         return problems  # the rules below read the plans
     problems += _tensor_problems(config, adapter, denoiser)
     problems += _ring_problems(config, device_type)
-    problems += _pipefusion_problems(config, adapter, denoiser)
+    from ditmesh.parallel.pipefusion import composition_problems
+
+    problems += composition_problems(pipe, config, adapter)
     return problems
 
 
@@ -163,29 +166,6 @@ def _ring_problems(config: ParallelConfig, device_type: str) -> list[str]:
     except ValueError as error:
         return [str(error)]
     return []
-
-
-def _pipefusion_problems(config: ParallelConfig, adapter: ModelAdapter, denoiser: Any) -> list[str]:
-    if config.pipefusion_degree == 1:
-        return []
-    problems = []
-    num_blocks = sum(len(getattr(denoiser, attr)) for attr in adapter.stage_plan.blocks)
-    if config.pipefusion_degree > num_blocks:
-        problems.append(
-            f"pipefusion={config.pipefusion_degree} needs a block per stage but the model has {num_blocks} blocks; "
-            f"use pipefusion <= {num_blocks} and put the other GPUs on data or cfg"
-        )
-    if config.ring_degree > 1 or config.tensor_degree > 1:
-        problems.append(
-            f"pipefusion x ring/tensor is not supported yet (got {config}); PipeFusion composes with ulysses, cfg and "
-            "data: use e.g. 'pipefusion=2,ulysses=2,cfg=2'"
-        )
-    if config.cfg_degree > 1 and adapter.cfg_mode != "batched":
-        problems.append(
-            f"pipefusion x cfg supports batched guidance (SD3); {adapter.name} runs CFG as two sequential calls, "
-            "which PipeFusion's one-call-per-step loop cannot pair; drop cfg=2 (e.g. use pipefusion or ulysses for those GPUs)"
-        )
-    return problems
 
 
 def _fits_image(config: ParallelConfig, adapter: ModelAdapter, height: int | None, width: int | None) -> bool:
