@@ -29,6 +29,8 @@ from ditmesh.kernels.triton_attention import triton_attention_lse
 from ditmesh.kernels.triton_merge import triton_merge_lse
 from ditmesh.kernels.triton_pack import triton_pack_for_all_to_all
 from ditmesh.parallel.fastpath import apply_fastpath, compile_repeated_blocks
+from ditmesh.models.flux import FLUX_DEV_CONFIG as FLUX_DEV
+from ditmesh.models.sd3 import SD35_LARGE_CONFIG as SD35_LARGE
 
 RESULTS: dict = {"env": {}, "kernels": [], "models": []}
 OUT_DIR = Path("benchmarks/results")
@@ -182,12 +184,6 @@ def add_kernel(kernel, shape, impl, ms, tflops, **extra) -> None:
 
 # ---- models --------------------------------------------------------------------------------------
 
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
 
 
 def build(cls_name: str, config: dict) -> torch.nn.Module:

@@ -56,17 +56,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ditmesh.models.flux import FLUX_DEV_CONFIG as FLUX_DEV
+from ditmesh.models.sd3 import SD35_LARGE_CONFIG as SD35_LARGE
+
 OUT_DIR = Path(__file__).resolve().parent / "results"
 PROMPT = "a photo of an astronaut riding a horse"
 
 # ---- model sizes -------------------------------------------------------------------------------
 
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
 # --quick on a GPU: full width, few blocks (8 each, so pipefusion=8 still has a block per stage).
 QUICK_GPU = {"flux": dict(num_layers=2, num_single_layers=6), "sd3": dict(num_layers=8)}
 # CPU: tiny widths too (same shapes as ditmesh.models.tiny), 16 latent channels like the real VAEs.

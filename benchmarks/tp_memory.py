@@ -20,29 +20,18 @@ import torch
 
 from ditmesh.models import adapter_for
 from ditmesh.parallel import tensor
+from ditmesh.models.flux import FLUX_DEV_CONFIG
+from ditmesh.models.sd3 import SD35_LARGE_CONFIG
 
 DEGREES = (1, 2, 4, 8)
 DTYPE = torch.bfloat16
 GIB = 1024**3
 RESULTS = Path(__file__).parent / "results" / "tp_memory.json"
 
+
 MODELS = {
-    "FLUX.1-dev": (
-        "FluxTransformer2DModel",
-        dict(
-            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56),
-        ),
-    ),
-    "SD3.5-large": (
-        "SD3Transformer2DModel",
-        dict(
-            sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-            num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm",
-        ),
-    ),
+    "FLUX.1-dev": ("FluxTransformer2DModel", FLUX_DEV_CONFIG),
+    "SD3.5-large": ("SD3Transformer2DModel", SD35_LARGE_CONFIG),
 }
 
 

@@ -6,6 +6,13 @@ from ditmesh.parallel.pipefusion_stages import FLUX_STAGE_PLAN
 from ditmesh.parallel.sequence import Gather, SequencePlan, Split
 from ditmesh.parallel.tensor import COLWISE, COLWISE_GATHER, ROWWISE, PackedRowwise, TensorPlan
 
+# FluxTransformer2DModel config of FLUX.1-dev (real sizes: benchmarks, meta-device memory counts).
+FLUX_DEV_CONFIG = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
 ADAPTER = register(
     ModelAdapter(
         name="flux",

@@ -6,6 +6,13 @@ from ditmesh.parallel.pipefusion_stages import SD3_STAGE_PLAN
 from ditmesh.parallel.sequence import Gather, SequencePlan, Split
 from ditmesh.parallel.tensor import COLWISE, COLWISE_GATHER, ROWWISE, TensorPlan
 
+# SD3Transformer2DModel config of SD3.5-large (real sizes: benchmarks, meta-device memory counts).
+SD35_LARGE_CONFIG = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm",
+)
+
 ADAPTER = register(
     ModelAdapter(
         name="sd3",
