@@ -26,9 +26,11 @@ class ParallelMesh:
     """
 
     def __init__(self, device_mesh: DeviceMesh, config: ParallelConfig,
+                 flat_meshes: dict[str, DeviceMesh] | None = None,
                  extra_groups: dict[str, dist.ProcessGroup] | None = None):
         self.device_mesh = device_mesh
         self.config = config
+        self._flat_meshes = flat_meshes or {}  # kept: torch deprecates re-slicing them from the root
         self._extra_groups = extra_groups or {}
 
     @classmethod
@@ -40,8 +42,7 @@ class ParallelMesh:
         device_type = device_type or ("cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu")
         shape = tuple(config.degrees.values())
         device_mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
-        for name, axes in FLAT_AXES.items():
-            device_mesh[axes]._flatten(name)
+        flat_meshes = {name: device_mesh[axes]._flatten(name) for name, axes in FLAT_AXES.items()}
         extra_groups = {}
         if config.pipefusion_degree > 1:
             # PipeFusion's latent return path (last stage -> stage 0) gets its own groups. On NCCL
@@ -49,10 +50,12 @@ class ParallelMesh:
             # stage 0 posts early for a returning latent would block its own forward sends, which
             # the last stage needs before it can send that latent: a deadlock gloo never shows.
             extra_groups["pipefusion_return"] = _duplicate_axis_groups(device_mesh, "pipefusion")
-        return cls(device_mesh, config, extra_groups)
+        return cls(device_mesh, config, flat_meshes, extra_groups)
 
     def _axis_mesh(self, axis: str) -> DeviceMesh:
-        if axis not in AXES and axis not in FLAT_AXES:
+        if axis in self._flat_meshes:
+            return self._flat_meshes[axis]
+        if axis not in AXES:
             raise KeyError(f"unknown mesh axis {axis!r}; axes are {AXES + tuple(FLAT_AXES)}")
         return self.device_mesh[axis]
 
