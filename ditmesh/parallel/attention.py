@@ -205,20 +205,22 @@ def _sdpa_to_attention(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is
     return attention(query, key, value, ctx=ctx, scale=scale, backend=ctx.backend)
 
 
-class _RouteSDPA(TorchFunctionMode):
-    """While active, `F.scaled_dot_product_attention` calls go to `attention(ctx=...)`; every
-    other torch function runs unchanged. Active only inside one processor call."""
+class RedirectSDPA(TorchFunctionMode):
+    """While active, `F.scaled_dot_product_attention` calls go to ``fn(sdpa, *args, **kwargs)``;
+    every other torch function runs unchanged. Strategies enter it only inside one attention
+    processor call. The mode is off inside its own handler (no recursion); a mode entered after
+    it handles the call first."""
 
-    def __init__(self, ctx: SequenceContext):
+    def __init__(self, fn: Callable[..., torch.Tensor]):
         super().__init__()
-        self.ctx = ctx
+        self.fn = fn
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             self.calls += 1
-            return _sdpa_to_attention(self.ctx, *args, **kwargs)
+            return self.fn(func, *args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -231,7 +233,7 @@ class SequenceParallelProcessor:
         self.ctx = ctx
 
     def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        route = _RouteSDPA(self.ctx)
+        route = RedirectSDPA(lambda _sdpa, *a, **k: _sdpa_to_attention(self.ctx, *a, **k))
         with route:
             out = self.inner(attn, *args, **kwargs)
         if route.calls == 0 and self.ctx.num_tokens is not None:

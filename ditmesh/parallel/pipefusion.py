@@ -33,11 +33,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ditmesh.config import ParallelConfig
+from ditmesh.parallel.attention import RedirectSDPA
 from ditmesh.parallel.pipefusion_stages import Grid, Patch, StagePlan
 from ditmesh.parallel.sequence import _HANDLE_ATTR as SEQUENCE_HANDLE
 
@@ -134,25 +133,6 @@ class PatchContext:
     text_side: str | None = None  # "first" (FLUX), "last" (SD3) or None
 
 
-class _RedirectSDPA(TorchFunctionMode):
-    """Route `F.scaled_dot_product_attention` calls made inside the block to `fn(sdpa, *args)`."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor]):
-        super().__init__()
-        self.fn = fn
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            self.calls += 1
-            # This mode is off inside its handler (no recursion); modes entered after it (the
-            # sequence-parallel routing) ran first, so under Ulysses this sees the whole patch
-            # with this rank's heads.
-            return self.fn(func, *args, **kwargs)
-        return func(*args, **kwargs)
-
-
 class StaleKVProcessor:
     """Wraps an attention module's processor: image K/V of the other patches come from a buffer.
 
@@ -168,7 +148,9 @@ class StaleKVProcessor:
         self.buffers: dict[str, torch.Tensor] = {}
 
     def __call__(self, attn: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        redirect = _RedirectSDPA(self._attention)
+        # Modes entered after this one (the sequence-parallel routing) run first, so under
+        # Ulysses this sees the whole patch with this rank's heads.
+        redirect = RedirectSDPA(self._attention)
         with redirect:
             out = self.inner(attn, *args, **kwargs)
         if redirect.calls == 0:  # attention ran on the patch alone: the result would be wrong
