@@ -13,9 +13,11 @@ from ditmesh.kernels import merge_lse
 from ditmesh.parallel import attention as attn
 from ditmesh.parallel.attention import SequenceContext, attention, local_attention, register_backend
 from ditmesh.parallel.mesh import ParallelMesh
-from ditmesh.parallel.ring import ring_attention
+from ditmesh.parallel import ring
+from ditmesh.parallel.ring import plan_groups, ring_attention
 
 TOL = dict(atol=1e-5, rtol=0)
+default_costs = ring.RING_COSTS["cpu"]
 _MESHES: dict[str, ParallelMesh] = {}
 
 
@@ -111,8 +113,94 @@ def test_ring_attention_skips_padded_keys(pools):
     assert all(pools(4).run(check_ring_attention, 5, [5, 5, 2, 0]))
 
 
-def check_sequence_attention(degrees, joint_text, num_heads, num_tokens, num_text):
+def check_grouped_ring_attention(num_keys_per_rank, valid_keys, group_sizes, num_text):
+    """The grouped (inference) schedule: blocks gathered in place, runs attended per launch, text
+    keys in the first run == full attention over text + all valid keys."""
+    group, rank, world = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+    q_all, k_all, v_all = _qkv(2, 3, num_keys_per_rank * world, 16, seed=3)
+    _, kt, vt = _qkv(2, 3, num_text, 16, seed=6)
+    q, k, v = (t.chunk(world, dim=2)[rank] for t in (q_all, k_all, v_all))
+    calls = []
+
+    def attend(q_, k_, v_):
+        calls.append(k_.shape[2])
+        return local_attention(q_, k_, v_, "math", return_lse=True)
+
+    with torch.no_grad():
+        out, _ = ring_attention(q, k, v, group, attend, valid_keys=valid_keys, extra_kv=(kt, vt) if num_text else None,
+                                group_sizes=group_sizes)
+    valid = valid_keys or [num_keys_per_rank] * world
+    keep_k = torch.cat([kt] + [kb[:, :, : valid[r]] for r, kb in enumerate(k_all.chunk(world, 2))], 2)
+    keep_v = torch.cat([vt] + [vb[:, :, : valid[r]] for r, vb in enumerate(v_all.chunk(world, 2))], 2)
+    torch.testing.assert_close(out, _full(q, keep_k, keep_v), **TOL)
+    return calls
+
+
+@pytest.mark.parametrize("world,sizes,num_text", [(2, [2], 3), (2, [1, 1], 0), (4, [1, 3], 2), (4, [4], 0), (4, [2, 1, 1], 5)])
+def test_grouped_ring_attention_equals_full_attention(pools, world, sizes, num_text):
+    calls = pools(world).run(check_grouped_ring_attention, 6, None, sizes, num_text)
+    # One launch per run of blocks: the first run also holds the text keys.
+    assert calls[0] == [6 * sizes[0] + num_text] + [6 * size for size in sizes[1:]]
+
+
+def test_grouped_ring_attention_splits_runs_at_padding(pools):
+    # Ring rank 2's block is partly padded and rank 3's empty: a run never spans padding.
+    calls = pools(4).run(check_grouped_ring_attention, 5, [5, 5, 2, 0], [4], 1)
+    # Rank 0 receives blocks of ranks 0, 3, 2, 1 (valid 5, 0, 2, 5); rank 3 of 3, 2, 1, 0 (0, 2, 5, 5).
+    assert calls[0] == [1 + 5, 2, 5]
+    assert calls[3] == [1, 2, 5 + 5]
+
+
+def _simulated_finish(sizes, hop, launch, block, extra):
+    """Event simulation of `_grouped`'s stream: hop i+1 starts once the queued compute is done."""
+    stream, arrived, end, runs = 0.0, 0.0, 0, iter(sizes)
+    run_end = next(runs)
+    start = 0
+    for i in range(sum(sizes)):
+        next_arrival = stream + hop if i + 1 < sum(sizes) else None
+        if i + 1 == run_end:
+            stream += launch + (i + 1 - start) * block + (extra if start == 0 else 0.0)
+            start, run_end = i + 1, run_end + next(runs, 0)
+        if next_arrival is not None:
+            stream = max(stream, next_arrival)
+    return stream
+
+
+def _compositions(n):
+    if n == 0:
+        yield []
+        return
+    for first in range(1, n + 1):
+        for rest in _compositions(n - first):
+            yield [first] + rest
+
+
+@pytest.mark.parametrize("hop,launch,block", [(20, 6, 7), (5, 6, 7), (0, 6, 7), (30, 1, 1), (9, 3, 4)])
+def test_plan_groups_is_the_fastest_grouping(hop, launch, block):
+    for n in range(1, 7):
+        plan = plan_groups(n, hop, launch, block, first_extra_s=block)
+        assert sum(plan) == n
+        best = min(_simulated_finish(c, hop, launch, block, block) for c in _compositions(n))
+        assert _simulated_finish(plan, hop, launch, block, block) == pytest.approx(best)
+
+
+def test_plan_groups_without_overlap_is_one_run():
+    # Transfers that gain nothing beside compute: every launch after the first only adds cost.
+    for hop in (0.0, 5.0, 100.0):
+        assert plan_groups(8, hop, 6.0, 7.0, overlap=False) == [8]
+
+
+def test_plan_groups_extremes():
+    assert plan_groups(8, 0.0, 6.0, 7.0) == [8]  # free transfers: one launch
+    # Slow transfers: the compute of the first 7 blocks hides under the last hop; only one small
+    # launch is left exposed at the end.
+    assert plan_groups(8, 100.0, 6.0, 7.0) == [7, 1]
+
+
+def check_sequence_attention(degrees, joint_text, num_heads, num_tokens, num_text, costs=None):
     """`attention(ctx=...)` on [text, image shard] (or [image shard, text]) == full joint attention."""
+    if costs is not None:  # steer ring_group_sizes to another schedule on this rank
+        ring.RING_COSTS["cpu"] = costs
     config = ParallelConfig(**degrees)
     mesh = _mesh(config)
     size, rank = mesh.size("sequence"), mesh.rank("sequence")
@@ -136,6 +224,8 @@ def check_sequence_attention(degrees, joint_text, num_heads, num_tokens, num_tex
     valid = max(0, min(local_len, num_tokens - rank * local_len))
     torch.testing.assert_close(out_text, expected_text, **TOL)
     torch.testing.assert_close(out_image[:, :, :valid], expected_image[:, :, rank * local_len : rank * local_len + valid], **TOL)
+    if costs is not None:
+        ring.RING_COSTS["cpu"] = default_costs
     return True
 
 
@@ -153,6 +243,17 @@ SEQ_MODES = [
 def test_sequence_attention_equals_full_joint_attention(pools, world, degrees, joint_text):
     # 3 heads (not a multiple of 2 or 4), 13 image tokens (not a multiple of 2 or 4), 4 text tokens.
     assert all(pools(world).run(check_sequence_attention, degrees, joint_text, 3, 13, 4))
+
+
+# Launch overheads dominate (grouped runs) / transfers dominate (one block per launch).
+GROUPED, STEPPED = (1.0, 1e15, 1e15, 0.0, True), (0.0, 1e15, 1.0, 1.0, True)
+
+
+@pytest.mark.parametrize("costs", [GROUPED, STEPPED], ids=["grouped", "stepped"])
+@pytest.mark.parametrize("world,degrees", SEQ_MODES[1::2] + SEQ_MODES[4:], ids=["ring2", "ring4", "usp2x2"])
+def test_ring_schedules_equal_full_joint_attention(pools, world, degrees, costs):
+    # 5 text tokens: not a multiple of the ring degree (text queries are split over ring ranks).
+    assert all(pools(world).run(check_sequence_attention, degrees, "first", 3, 13, 5, costs))
 
 
 def test_sequence_attention_image_only(pools):

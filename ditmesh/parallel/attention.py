@@ -24,7 +24,8 @@ from torch.overrides import TorchFunctionMode
 from ditmesh import kernels
 from ditmesh.kernels import reference
 from ditmesh.parallel import ulysses
-from ditmesh.parallel.ring import ring_attention
+from ditmesh.parallel.comm import all_gather, pad_dim
+from ditmesh.parallel.ring import ring_attention, ring_group_sizes
 
 # ---- local backends ---------------------------------------------------------------------------
 
@@ -151,26 +152,42 @@ def attention(q_BHSD, k_BHSD, v_BHSD, *, ctx: SequenceContext | None = None, sca
 
 
 def _attend_shards(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale):
-    """Queries [text, image block of this ring rank] over all image keys (+ the text keys)."""
+    """Queries [text, image block of this ring rank] over all image keys (+ the text keys).
+
+    Ring: the text queries are split over the ring ranks too (every rank holds all text keys),
+    so no rank repeats another's work; the text output is all-gathered back (small)."""
     num_text, block = qt.shape[2], ki.shape[2]  # block = ulysses_size * local_len image tokens
-    q = torch.cat([qt, qi], dim=2)
     # Padding sits at the end of the image sequence: block r holds tokens [r*block, (r+1)*block).
     valid = [min(max(ctx.num_tokens - r * block, 0), block) for r in range(ctx.ring_size)]
     if ctx.ring_size == 1:
+        q = torch.cat([qt, qi], dim=2)
         k = torch.cat([kt, ki[:, :, : valid[0]]], dim=2)
         v = torch.cat([vt, vi[:, :, : valid[0]]], dim=2)
         out = local_attention(q, k, v, ctx.backend, scale=scale)
-    else:
-        def attend(q_, k_, v_):
-            return local_attention(q_, k_, v_, ctx.backend, scale=scale, return_lse=True)
+        return out[:, :, num_text:], out[:, :, :num_text]
 
-        def step(q_, k_, v_, prev_out, prev_lse):
-            return kernels.attention_merge_lse(q_, k_, v_, prev_out, prev_lse, scale)
+    def attend(q_, k_, v_):
+        return local_attention(q_, k_, v_, ctx.backend, scale=scale, return_lse=True)
 
-        extra = (kt, vt) if num_text else None
-        fused = step if ctx.backend == "auto" else None  # other backends: attend, then merge
-        out, _ = ring_attention(q, ki, vi, ctx.ring_group, attend, valid_keys=valid, extra_kv=extra, step=fused)
-    return out[:, :, num_text:], out[:, :, :num_text]
+    def step(q_, k_, v_, prev_out, prev_lse):
+        return kernels.attention_merge_lse(q_, k_, v_, prev_out, prev_lse, scale)
+
+    qt_local = _local_tokens(qt, ctx.ring_group)
+    q = torch.cat([qt_local, qi], dim=2)
+    extra = (kt, vt) if num_text else None
+    fused = step if ctx.backend == "auto" else None  # other backends: attend, then merge
+    sizes = ring_group_sizes(q, ki, num_text, ctx.ring_size)
+    out, _ = ring_attention(q, ki, vi, ctx.ring_group, attend, valid_keys=valid, extra_kv=extra, step=fused, group_sizes=sizes)
+    num_local = qt_local.shape[2]
+    out_t = all_gather(out[:, :, :num_local], dim=2, group=ctx.ring_group)[:, :, :num_text] if num_text else out[:, :, :0]
+    return out[:, :, num_local:], out_t
+
+
+def _local_tokens(x_BHSD: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's share of a replicated sequence (padded to a multiple of the group size)."""
+    world = dist.get_world_size(group)
+    share = -(-x_BHSD.shape[2] // world)
+    return pad_dim(x_BHSD, 2, share * world).narrow(2, dist.get_rank(group) * share, share)
 
 
 def _split_joint(x_BHSD: torch.Tensor, num_text: int, joint_text: str | None):

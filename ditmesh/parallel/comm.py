@@ -113,6 +113,18 @@ def ring_shift_start(x: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.T
     return recv, pending
 
 
+def ring_pass_start(sends: list[torch.Tensor], recvs: list[torch.Tensor], group: dist.ProcessGroup) -> list:
+    """Post sends of `sends` to the next rank of the ring `group` and receives from the previous
+    one into `recvs` (contiguous, preallocated: e.g. slots of a gather buffer), as one batch.
+
+    Returns the works (`ring_shift_wait`). Not differentiable (inference schedules). Every rank
+    must post the same passes in the same order, or the sends and receives do not pair up."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    ops = [dist.P2POp(dist.isend, t, group=group, group_peer=(rank + 1) % world) for t in sends]
+    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=(rank - 1) % world) for t in recvs]
+    return dist.batch_isend_irecv(ops)
+
+
 def ring_shift_wait(works: list) -> None:
     """Wait for the transfers started by `ring_shift_start`."""
     for work in works:
@@ -135,6 +147,7 @@ __all__ = [
     "all_gather",
     "gather_replicated",
     "ring_shift_start",
+    "ring_pass_start",
     "ring_shift_wait",
     "pad_dim",
 ]
