@@ -42,6 +42,29 @@ def _configs() -> list[triton.Config]:
     ]
 
 
+@triton.jit
+def _attend_tile(q_blk, k_base, v_base, sks, svs, start_n, SEQ_K, m_i, l_i, acc, scale_log2, offs_n, offs_d,
+                 MASKED: tl.constexpr):
+    """Online-softmax update of (m_i, l_i, acc) with key tile [start_n, start_n + BLOCK_N)."""
+    cols = start_n + offs_n
+    if MASKED:
+        mask_n = cols < SEQ_K
+        k_blk = tl.load(k_base + cols[:, None] * sks + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        v_blk = tl.load(v_base + cols[:, None] * svs + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        s = tl.dot(q_blk, tl.trans(k_blk)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+    else:
+        k_blk = tl.load(k_base + cols[:, None] * sks + offs_d[None, :])
+        v_blk = tl.load(v_base + cols[:, None] * svs + offs_d[None, :])
+        s = tl.dot(q_blk, tl.trans(k_blk)) * scale_log2
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v_blk.dtype), v_blk)
+    return m_new, l_i, acc
+
+
 @triton.autotune(configs=_configs(), key=["SEQ_Q", "SEQ_K", "HEAD_DIM", "HAS_PREV"])
 @triton.jit
 def _attention_fwd(
@@ -70,19 +93,14 @@ def _attention_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in range(0, SEQ_K, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < SEQ_K
-        k_blk = tl.load(k_base + cols[:, None] * sks + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        s = tl.dot(q_blk, tl.trans(k_blk)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_blk = tl.load(v_base + cols[:, None] * svs + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_blk.dtype), v_blk)
-        m_i = m_new
+    # Whole key tiles without masks (the hot loop), then the ragged tail with them.
+    full = (SEQ_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q_blk, k_base, v_base, sks, svs, start_n, SEQ_K, m_i, l_i, acc, scale_log2,
+                                     offs_n, offs_d, False)
+    if full < SEQ_K:
+        m_i, l_i, acc = _attend_tile(q_blk, k_base, v_base, sks, svs, full, SEQ_K, m_i, l_i, acc, scale_log2,
+                                     offs_n, offs_d, True)
 
     # SEQ_K == 0 leaves m_i = -inf, l_i = 0: out = 0, lse = -inf (as the reference).
     has_keys = l_i > 0
