@@ -26,6 +26,7 @@ are sharded; the stale K/V are spliced in after the all-to-all, on this rank's h
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -243,6 +244,22 @@ class _Stage:
         self.first, self.last = self.stage == 0, self.stage == self.num_stages - 1
         self.prev_rank, self.next_rank = ranks[self.stage - 1], ranks[(self.stage + 1) % self.num_stages]
         self.last_rank = ranks[-1]
+        self._connected = False
+
+    def _connect(self, device: torch.device) -> None:
+        # NCCL creates a pair's P2P communicator at the pair's first send/receive, blocking until
+        # both ranks get there. The stages' first P2P calls differ (stage 0 posts a receive on the
+        # return group, the others on the forward group), so each would block in a different
+        # group's creation: a deadlock. One ring exchange per group, every rank, same order (the
+        # documented way to make batch_isend_irecv a group's first call) creates them up front.
+        if self._connected:
+            return
+        self._connected = True
+        for group in (self.group, self.return_group):
+            token, inbox = torch.zeros(1, device=device), torch.empty(1, device=device)
+            ops = [dist.P2POp(dist.isend, token, self.next_rank, group), dist.P2POp(dist.irecv, inbox, self.prev_rank, group)]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
 
     def run(self, items: list[_Item], step_kwargs: Callable[[int], dict], latent: torch.Tensor,
             update: Callable[[torch.Tensor, int, _Item, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
@@ -254,6 +271,7 @@ class _Stage:
         returns (prediction to record, updated x_patch); `hidden_shape(patch)` is the shape of
         the [text, image] tokens a patch carries between stages.
         """
+        self._connect(latent.device)
         latent = latent.clone()
         dtype = self.model.dtype
         inbox = self._latent_inbox(items, latent) if self.first else self._hidden_inbox(items, dtype, hidden_shape)
@@ -497,6 +515,10 @@ def _cfg_update(update, batched_cfg: bool):
 # ---- parallelize step 3 ---------------------------------------------------------------------
 
 
+def _on_nccl() -> bool:
+    return dist.is_initialized() and dist.get_backend() == "nccl"
+
+
 def composition_problems(pipe: Any, config: ParallelConfig, adapter: Any) -> list[str]:
     """Every reason PipeFusion cannot run `config` on `pipe` (a pipeline with a stage plan).
 
@@ -523,6 +545,12 @@ def composition_problems(pipe: Any, config: ParallelConfig, adapter: Any) -> lis
         problems.append(
             f"pipefusion x ring/tensor is not supported yet (got {config}); PipeFusion composes with ulysses, cfg and "
             "data: use e.g. 'pipefusion=2,ulysses=2,cfg=2'"
+        )
+    if _on_nccl() and os.environ.get("DITMESH_PIPEFUSION_NCCL") != "1":
+        problems.append(
+            "PipeFusion's patch pipeline hangs on NCCL (measured on 2 H200s: a stage waits for a patch its neighbour "
+            "never sends; see docs/pipefusion.md); on GPUs use ulysses, ring, cfg or data for now "
+            "(DITMESH_PIPEFUSION_NCCL=1 runs it anyway, to debug)"
         )
     if config.cfg_degree > 1 and adapter.cfg_mode != "batched":
         problems.append(
