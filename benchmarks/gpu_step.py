@@ -36,8 +36,9 @@ RESULTS: dict = {"env": {}, "kernels": [], "models": []}
 OUT_DIR = Path("benchmarks/results")
 
 
-def bench_ms(fn, samples: int = 7, min_sample_ms: float = 2.0, graph: bool = False) -> float:
+def bench_ms(fn, samples: int = 7, min_sample_ms: float = 2.0, graph: bool = False, inner: int | None = None) -> float:
     """Median over `samples` of the mean time of a loop of calls (loop long enough for events).
+    `inner` fixes the loop length instead (collectives: every rank must make the same calls).
 
     graph=True captures the loop in a CUDA graph and times its replays: the GPU time without
     the host's launch overhead (which dominates kernels of a few tens of microseconds)."""
@@ -49,7 +50,7 @@ def bench_ms(fn, samples: int = 7, min_sample_ms: float = 2.0, graph: bool = Fal
     fn()
     end.record()
     torch.cuda.synchronize()
-    inner = max(1, math.ceil(min_sample_ms / max(start.elapsed_time(end), 1e-3)))
+    inner = inner or max(1, math.ceil(min_sample_ms / max(start.elapsed_time(end), 1e-3)))
     run = lambda: [fn() for _ in range(inner)]  # noqa: E731
     if graph:
         cuda_graph = torch.cuda.CUDAGraph()

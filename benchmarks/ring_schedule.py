@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -37,46 +35,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_step import bench_ms, rel_err  # noqa: E402  (same timing as the kernel table)
 from ditmesh.kernels import reference, select  # noqa: E402
 from ditmesh.parallel import ring  # noqa: E402
 
 HEADS, DIM, TEXT = 24, 128, 512
-
-
-def bench_ms(fn, samples: int = 9, min_ms: float = 2.0, graph: bool = False, inner: int | None = None) -> float:
-    """Median of per-call ms over loops long enough for CUDA events (graph: replay of a capture).
-    `inner` fixes the loop length (collectives: every rank must make the same calls)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    inner = inner or max(1, math.ceil(min_ms / max(start.elapsed_time(end), 1e-3)))
-    run = lambda: [fn() for _ in range(inner)]  # noqa: E731
-    if graph:
-        cuda_graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()
-            with torch.cuda.graph(cuda_graph, stream=stream):
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        run = cuda_graph.replay
-    times = []
-    for _ in range(samples):
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def rand(*shape, gen):
