@@ -18,6 +18,7 @@ Two schedules of the same exchange:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Callable, Sequence
 
@@ -168,6 +169,11 @@ def plan_groups(num_blocks: int, hop_s: float, launch_s: float, block_s: float, 
     """
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    return list(_plan(num_blocks, hop_s, launch_s, block_s, first_extra_s, overlap))
+
+
+@functools.lru_cache(maxsize=256)  # asked per attention layer, always for the same few shapes
+def _plan(num_blocks, hop_s, launch_s, block_s, first_extra_s, overlap) -> tuple[int, ...]:
     # best[j]: (time, launches, sizes) to finish blocks [0, j).
     best: list[tuple[float, int, list[int]]] = [(0.0, 0, [])]
     for j in range(1, num_blocks + 1):
@@ -182,7 +188,7 @@ def plan_groups(num_blocks: int, hop_s: float, launch_s: float, block_s: float, 
             done, launches, sizes = best[i]
             options.append((round(done + run, 12), launches + 1, sizes + [size]))
         best.append(min(options, key=lambda o: (o[0], o[1])))
-    return best[num_blocks][2]
+    return tuple(best[num_blocks][2])
 
 
 # Costs behind `ring_group_sizes`, per device type: (fixed seconds per launch, attention FLOP/s
