@@ -78,7 +78,7 @@ class RankPool:
             self._procs.append(proc)
             self._conns.append(parent)
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 300.0, **kwargs: Any) -> list[Any]:
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 900.0, **kwargs: Any) -> list[Any]:
         """Run ``fn(*args, **kwargs)`` on every rank; return the results indexed by rank.
 
         Raises `RankError` (lowest failing rank first) if any rank raised, `TimeoutError` if the
@@ -146,7 +146,7 @@ class RankPool:
         self.close()
 
 
-def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, **kwargs: Any) -> list[Any]:
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 900.0, **kwargs: Any) -> list[Any]:
     """One-off: spawn `world_size` gloo ranks, run ``fn(*args, **kwargs)`` on each, return the results."""
     with RankPool(world_size) as pool:
         return pool.run(fn, *args, timeout=timeout, **kwargs)

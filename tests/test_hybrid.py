@@ -111,12 +111,12 @@ def _applied(pipe, denoiser) -> set[str]:
 
 @pytest.fixture(scope="module")
 def matrix_4(pools):
-    return pools(4).run(_run_cases, CASES_4, timeout=600)[0]
+    return pools(4).run(_run_cases, CASES_4, timeout=1200)[0]
 
 
 @pytest.fixture(scope="module")
 def matrix_8(pools):
-    return pools(8).run(_run_cases, CASES_8, timeout=600)[0]
+    return pools(8).run(_run_cases, CASES_8, timeout=1200)[0]
 
 
 def _case_params(cases):
@@ -191,7 +191,7 @@ def _refusals(cases):
 
 @pytest.fixture(scope="module")
 def refusals(pools):
-    return pools(4).run(_refusals, REFUSALS, timeout=600)
+    return pools(4).run(_refusals, REFUSALS, timeout=1200)
 
 
 @pytest.mark.parametrize("index", range(len(REFUSALS)), ids=[f"{n}:{t}" for n, t, _ in REFUSALS])
@@ -206,7 +206,7 @@ def test_refused_before_any_change(pools, refusals, index):
 
 
 def test_tensor_degree_must_divide_heads(pools):
-    message, untouched = pools(2).run(_refusal, "bare-flux", "tensor=2", heads=3, timeout=600)[0]
+    message, untouched = pools(2).run(_refusal, "bare-flux", "tensor=2", heads=3, timeout=1200)[0]
     assert "tensor_degree 2 does not split the 3 attention heads" in message and "valid tensor degrees: 1" in message
     assert untouched
 
@@ -228,7 +228,7 @@ def _presharded_diff() -> float:
 
 
 def test_presharded_transformer_passes_validation(pools):
-    assert max(pools(4).run(_presharded_diff, timeout=600)) <= ATOL
+    assert max(pools(4).run(_presharded_diff, timeout=1200)) <= ATOL
 
 
 # ---- valid_configs ----------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def child_pids() -> set[int]:
 # ---------------------------------------------------------------- the basic contract
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_invoke_and_stream_match_serial_sum(loop, runners, world_size):
     runner = runners(world_size)
@@ -110,7 +110,7 @@ def test_invoke_and_stream_match_serial_sum(loop, runners, world_size):
     assert decoded[-1]["sum"] == expected_sum(world_size, 1.0)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_concurrent_invokes_each_get_their_own_result(loop, runners):
     runner = runners(2)
 
@@ -121,7 +121,7 @@ def test_concurrent_invokes_each_get_their_own_result(loop, runners):
         assert result["echo"] == i and result["sum"] == expected_sum(2, float(i))
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_invoke_before_start_names_the_fix(loop):
     runner = DistributedRunner(runner_workers.EchoWorker, 2, device_type="cpu")
     with pytest.raises(RuntimeError, match=r"runner.start"):
@@ -150,7 +150,7 @@ def test_no_polling_sleeps_in_runner_code():
 # ---------------------------------------------------------------- errors on ranks
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("fail_rank", [0, 1])
 def test_exception_on_any_rank_is_reraised_with_rank_and_traceback(loop, runners, fail_rank):
     runner = runners(2)
@@ -166,7 +166,7 @@ def test_exception_on_any_rank_is_reraised_with_rank_and_traceback(loop, runners
     assert runner.is_running
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_unpicklable_result_or_event_is_a_remote_error_and_workers_survive(loop, runners):
     runner = runners(2)
     with pytest.raises(RemoteError, match="cannot be sent between processes") as info:
@@ -177,7 +177,7 @@ def test_unpicklable_result_or_event_is_a_remote_error_and_workers_survive(loop,
     assert loop.run_until_complete(runner.invoke({"x": 2.0}))["sum"] == expected_sum(2, 2.0)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_dead_rank_raises_worker_died_promptly_and_restart_recovers(loop, runners):
     runner = runners(2)
     before = loop.run_until_complete(runner.invoke({"x": 1.0}))["pid"]
@@ -187,7 +187,7 @@ def test_dead_rank_raises_worker_died_promptly_and_restart_recovers(loop, runner
         loop.run_until_complete(runner.invoke({"die_rank": 1}))
     elapsed = time.perf_counter() - start
     assert info.value.rank == 1 and info.value.exitcode == 3
-    assert elapsed < 2.0, f"death noticed after {elapsed:.2f} s"  # sentinel-driven: typically ms
+    assert elapsed < 30.0, f"death noticed after {elapsed:.2f} s"  # sentinel-driven: ms; without it, never
     assert runner.needs_restart
     loop.run_until_complete(asyncio.sleep(0))  # let the kill of rank 0 be reaped
     with pytest.raises(RunnerBroken, match=r"runner.restart\(\)"):
@@ -199,7 +199,7 @@ def test_dead_rank_raises_worker_died_promptly_and_restart_recovers(loop, runner
     assert result["sum"] == expected_sum(2, 1.0) and result["pid"] != before and result["calls"] == 1
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_rank_raising_before_a_collective_fails_the_call_and_restart_recovers(loop, runners):
     runner = runners(2)
     start = time.perf_counter()
@@ -208,7 +208,7 @@ def test_rank_raising_before_a_collective_fails_the_call_and_restart_recovers(lo
     elapsed = time.perf_counter() - start
     assert info.value.rank == 1 and "refuses to join the all_reduce" in info.value.remote_traceback
     assert "collective_timeout" in str(info.value) and "restart()" in str(info.value)
-    assert COLLECTIVE_TIMEOUT <= elapsed < COLLECTIVE_TIMEOUT + 5.0
+    assert COLLECTIVE_TIMEOUT <= elapsed < COLLECTIVE_TIMEOUT + 30.0  # rank 0 would wait forever without it
     assert runner.needs_restart
     with pytest.raises(RunnerBroken, match=r"runner.restart\(\)"):
         loop.run_until_complete(runner.invoke({"x": 1.0}))
@@ -219,7 +219,7 @@ def test_rank_raising_before_a_collective_fails_the_call_and_restart_recovers(lo
 # ---------------------------------------------------------------- timeouts and cancellation
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_timeout_raises_and_late_result_is_discarded(loop, runners):
     runner = runners(2)
     with pytest.raises(TimeoutError, match="late result will be discarded"):
@@ -228,7 +228,7 @@ def test_timeout_raises_and_late_result_is_discarded(loop, runners):
     assert result["echo"] == "new" and result["sum"] == expected_sum(2, 1.0)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_cancelled_invoke_and_abandoned_stream_leave_runner_usable(loop, runners):
     runner = runners(2)
 
@@ -260,7 +260,7 @@ def test_cancelled_invoke_and_abandoned_stream_leave_runner_usable(loop, runners
 # ---------------------------------------------------------------- payloads and results
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_bad_payloads_fail_in_the_caller_before_sending(loop, runners):
     runner = runners(2)
     pids = runner.pids
@@ -324,7 +324,7 @@ def test_protocol_round_trip_is_binary_and_exact():
     assert_same(decode([bytes(f) for f in frames]), value)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_results_with_images_tensors_arrays_bytes_arrive_intact(loop, runners):
     runner = runners(2)
     value = rich_value()
@@ -335,7 +335,7 @@ def test_results_with_images_tensors_arrays_bytes_arrive_intact(loop, runners):
     assert_same(final["echo"], value)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_text_events_are_sse_with_base64_images_and_raw_passthrough(loop, runners):
     runner = runners(2)
     image = Image.new("RGB", (8, 4), (255, 0, 0))
@@ -357,7 +357,7 @@ def test_text_events_are_sse_with_base64_images_and_raw_passthrough(loop, runner
 # ---------------------------------------------------------------- start-up and shutdown
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_setup_error_raises_remote_error_and_leaves_no_processes(loop):
     before = child_pids()
     runner = DistributedRunner(runner_workers.FailingSetupWorker, 2, device_type="cpu", num_threads=1)
@@ -369,7 +369,7 @@ def test_setup_error_raises_remote_error_and_leaves_no_processes(loop):
     loop.run_until_complete(runner.stop())  # idempotent after a failed start
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_async_with_starts_and_stops_idempotently(loop):
     before = child_pids()
     runner = DistributedRunner(runner_workers.EchoWorker, 1, device_type="cpu", setup_kwargs={"scale": 3.0},
@@ -393,7 +393,7 @@ def test_async_with_starts_and_stops_idempotently(loop):
 
 
 @pytest.mark.gpu
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_ranks_use_nccl_on_their_own_gpu_and_return_cpu_tensors(loop):
     world_size = min(2, torch.cuda.device_count())

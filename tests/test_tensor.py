@@ -129,14 +129,16 @@ def _composed_diff(family: str, spec: str) -> float:
 
 def _pipeline_folder_diff(folder: str) -> float:
     """The documented path: transformer loaded sharded, the rest of the pipeline from the same folder."""
-    from diffusers import FluxPipeline
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     config = ParallelConfig(tensor_degree=dist.get_world_size())
     mesh = ParallelMesh.build(config)
     transformer = tensor.load_sharded(folder, mesh, subfolder="transformer")
     pipe = ditmesh.parallelize(FluxPipeline.from_pretrained(folder, transformer=transformer), config, mesh)
     assert pipe.transformer is transformer and isinstance(transformer.transformer_blocks[0].attn.to_q.weight, DTensor)
-    serial = FluxPipeline.from_pretrained(folder)
+    # the serial twin shares every other component; only its transformer is loaded whole
+    whole = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    serial = FluxPipeline(**{**pipe.components, "transformer": whole})
     call = dict(prompt="a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="latent")
     expected = serial(**call, generator=torch.Generator().manual_seed(0)).images
     got = pipe(**call, generator=torch.Generator().manual_seed(0)).images
