@@ -145,10 +145,17 @@ def test_grouped_ring_attention_equals_full_attention(pools, world, sizes, num_t
 
 def test_grouped_ring_attention_splits_runs_at_padding(pools):
     # Ring rank 2's block is partly padded and rank 3's empty: a run never spans padding.
-    calls = pools(4).run(check_grouped_ring_attention, 5, [5, 5, 2, 0], [4], 1)
+    calls = pools(4).run(check_grouped_ring_attention, 5, [5, 5, 2, 0], [1, 3], 1)
     # Rank 0 receives blocks of ranks 0, 3, 2, 1 (valid 5, 0, 2, 5); rank 3 of 3, 2, 1, 0 (0, 2, 5, 5).
     assert calls[0] == [1 + 5, 2, 5]
     assert calls[3] == [1, 2, 5 + 5]
+
+
+@pytest.mark.parametrize("valid", [[5, 5, 2, 0], [5, 0, 2, 5]])
+def test_one_run_is_an_all_gather_and_one_launch_over_valid_keys(pools, valid):
+    # Padding at the end (how sequence shards pad) or anywhere: text + every valid key, once.
+    calls = pools(4).run(check_grouped_ring_attention, 5, valid, [4], 1)
+    assert calls == [[1 + sum(valid)]] * 4
 
 
 def _simulated_finish(sizes, hop, launch, block, extra):

@@ -118,6 +118,36 @@ def check_parallelize(degrees):
     return True
 
 
+def check_compiled(family, degrees, size):
+    """Blocks compiled whole (fullgraph) around the sequence-parallel attention, as `parallelize`
+    does on CUDA: the Ulysses all-to-alls and the ring's all-gather trace into the graphs."""
+    from torch._dynamo.utils import counters
+
+    from ditmesh import parallelize
+    from ditmesh.parallel.fastpath import compile_repeated_blocks
+
+    config = ParallelConfig(**degrees)
+    model, inputs = _tiny(family, 4, size, 1)
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        wrapped = parallelize(model, config, mesh=_mesh(config), compile=False)
+        compile_repeated_blocks(wrapped, inductor_knobs=False, backend="aot_eager")
+        graphs = counters["stats"]["unique_graphs"]
+        out = wrapped(**inputs)[0]
+    assert counters["stats"]["unique_graphs"] > graphs, "nothing was compiled"
+    torch.testing.assert_close(out, expected, **OUT_TOL)
+    return (out - expected).abs().max().item()
+
+
+def check_compile_refused_for_tensor():
+    from ditmesh import parallelize
+
+    model, _ = _tiny("flux", 4, (16, 16), 1)
+    with pytest.raises(ValueError, match="compile=True compiles whole blocks"):
+        parallelize(model, ParallelConfig(tensor_degree=2), compile=True)
+    return not any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 def check_pipeline(name, degrees):
     """A whole tiny pipeline call through `parallelize` vs the serial pipeline (rank 0's images)."""
     from ditmesh import parallelize
@@ -235,3 +265,13 @@ def check_sdpa_backend_refused_for_ring():
 
 def test_sdpa_backend_refused_for_ring(pools):
     assert all(pools(2).run(check_sdpa_backend_refused_for_ring))
+
+
+@pytest.mark.parametrize("family,mode,size", [("flux", "usp2x2", (12, 14)), ("sd3", "ring2", (16, 16))])
+def test_compiled_blocks_match_serial(pools, family, mode, size):
+    world, degrees = MODES[mode]
+    assert max(pools(world).run(check_compiled, family, degrees, size)) <= 1e-4
+
+
+def test_compile_refused_where_layers_are_sharded(pools):
+    assert all(pools(2).run(check_compile_refused_for_tensor))

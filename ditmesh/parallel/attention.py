@@ -13,6 +13,7 @@ All tensors are (batch, heads, seq, head_dim) ("BHSD"), as SDPA takes them.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -176,7 +177,8 @@ def _attend_shards(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale):
     q = torch.cat([qt_local, qi], dim=2)
     extra = (kt, vt) if num_text else None
     fused = step if ctx.backend == "auto" else None  # other backends: attend, then merge
-    sizes = ring_group_sizes(q, ki, num_text, ctx.ring_size)
+    # (compiled: ring_attention takes the one schedule a graph holds)
+    sizes = None if torch.compiler.is_compiling() else ring_group_sizes(q, ki, num_text, ctx.ring_size)
     out, _ = ring_attention(q, ki, vi, ctx.ring_group, attend, valid_keys=valid, extra_kv=extra, step=fused, group_sizes=sizes)
     num_local = qt_local.shape[2]
     out_t = all_gather(out[:, :, :num_local], dim=2, group=ctx.ring_group)[:, :, :num_text] if num_text else out[:, :, :0]
@@ -238,7 +240,16 @@ class RedirectSDPA(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             self.calls += 1
             return self.fn(func, *args, **kwargs)
+        name = getattr(func, "__name__", None)
+        if _PYTHON_TENSOR_METHODS.get(name) is func:
+            # Same call, as a method: torch.compile cannot trace these Python-level Tensor methods
+            # when a mode hands them over as functions (their `super()` call), but traces methods.
+            return getattr(args[0], name)(*args[1:], **kwargs)
         return func(*args, **kwargs)
+
+
+# Tensor methods written in Python (unflatten, split, ...), by name.
+_PYTHON_TENSOR_METHODS = {name: func for name, func in vars(torch.Tensor).items() if inspect.isfunction(func)}
 
 
 class SequenceParallelProcessor:

@@ -32,8 +32,8 @@ def apply_fastpath(pipe: Any, *, compile: bool = True, inductor_knobs: bool = Tr
     `inductor_knobs=False` leaves `torch._inductor.config` as it is (the knobs are process-wide).
     """
     denoiser = _denoiser(pipe)
-    _fuse_qkv(denoiser)
-    _prefer_cudnn_attention(denoiser)
+    fuse_qkv(denoiser)
+    prefer_cudnn_attention(denoiser)
     if compile:
         compile_repeated_blocks(denoiser, inductor_knobs=inductor_knobs)
     return pipe
@@ -44,7 +44,8 @@ def _denoiser(pipe: Any) -> torch.nn.Module:
     return getattr(pipe, adapter.denoiser_attr, pipe)
 
 
-def _fuse_qkv(denoiser: torch.nn.Module) -> None:
+def fuse_qkv(denoiser: torch.nn.Module) -> None:
+    """Step 1 of `apply_fastpath`: one Q/K/V matmul where the model's own processors support it."""
     # Only diffusers' current API (`AttentionMixin.fuse_qkv_projections`), where the model keeps
     # its own processors and they read `attn.fused_projections`. The legacy per-model versions
     # swap in generic fused processors, and SD3's drops the QK RMSNorm of SD3.5 (wrong outputs).
@@ -59,7 +60,8 @@ def _fuse_qkv(denoiser: torch.nn.Module) -> None:
         pass
 
 
-def _prefer_cudnn_attention(denoiser: torch.nn.Module) -> None:
+def prefer_cudnn_attention(denoiser: torch.nn.Module) -> None:
+    """Step 2 of `apply_fastpath`: cuDNN attention first for every forward of `denoiser`."""
     # Compiled blocks choose their SDPA kernel when traced, which happens inside this context,
     # so compiled and eager forwards both get cuDNN. A stack, so a re-entrant forward nests.
     contexts: list[contextlib.AbstractContextManager] = []
@@ -84,12 +86,15 @@ def _set_inductor_knobs() -> None:
     inductor.epilogue_fusion = False
 
 
-def compile_repeated_blocks(denoiser: torch.nn.Module, *, inductor_knobs: bool = True) -> None:
-    """Regional compilation (step 4 of `apply_fastpath`), with the inductor knobs of step 3."""
-    if inductor_knobs:
+def compile_repeated_blocks(denoiser: torch.nn.Module, *, inductor_knobs: bool = True, backend: str = "inductor") -> None:
+    """Regional compilation (step 4 of `apply_fastpath`), with the inductor knobs of step 3.
+
+    Also what `parallelize` compiles under sequence parallelism: the blocks then hold the
+    Ulysses all-to-alls and ring all-gathers (functional collectives) in their graphs."""
+    if inductor_knobs and backend == "inductor":
         _set_inductor_knobs()
     for block in repeated_blocks(denoiser):
-        block.compile(fullgraph=True)
+        block.compile(fullgraph=True, backend=backend)
 
 
 def repeated_blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:

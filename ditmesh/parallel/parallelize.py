@@ -12,22 +12,28 @@ from ditmesh.models.base import adapter_for  # not ditmesh.models: the family fi
 from ditmesh.parallel.mesh import ParallelMesh
 
 
-def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = None) -> Any:
+def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = None, *, compile: bool | None = None) -> Any:
     """Make a diffusers pipeline (or a bare transformer) run under `config` on this rank.
 
     Call it on every rank, after torch.distributed is initialised (`DistributedRunner` does
     that), with the same pipeline and config. The ordinary call ``pipe(prompt=...)`` then runs
     in parallel; rank 0 holds the complete result. With a serial config and no process group
-    the pipeline is returned as it is.
-    """
-    if config.world_size == 1 and not dist.is_initialized():
-        # One process: on CUDA the single-GPU fast path (fused QKV, cuDNN attention, regional
-        # compile); on CPU the pipeline as it is.
-        if _on_cuda(pipe):
-            from ditmesh.parallel.fastpath import apply_fastpath
+    the pipeline is returned as it is (on CUDA, with the single-GPU fast path).
 
-            return apply_fastpath(pipe)
+    On CUDA the fast path's steps apply under every config that leaves the denoiser's layers
+    whole (tensor and PipeFusion degree 1): fused Q/K/V, cuDNN attention first and regional
+    `torch.compile` of the repeated blocks, collectives included. `compile` overrides the last
+    (None: compile on CUDA only; the first forward then takes minutes).
+    """
+    from ditmesh.parallel import fastpath
+
+    if config.world_size == 1 and not dist.is_initialized():
+        # One process: on CUDA the single-GPU fast path; on CPU the pipeline as it is.
+        if _on_cuda(pipe):
+            return fastpath.apply_fastpath(pipe, compile=compile is not False)
         return pipe
+    if compile and (config.tensor_degree > 1 or config.pipefusion_degree > 1):
+        raise ValueError("compile=True compiles whole blocks; with tensor_degree or pipefusion_degree > 1 pass compile=None or False")
     adapter = adapter_for(pipe)
     # 0. validate: every rule that can refuse this config (validate.py), before the mesh's
     #    collectives and any weight change, so all ranks raise the same ValueError and stay usable.
@@ -41,7 +47,15 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     from ditmesh.parallel import tensor
 
     # A pipeline holds the denoiser under `denoiser_attr`; a bare transformer is the denoiser.
-    tensor.apply(getattr(pipe, adapter.denoiser_attr, pipe), mesh, adapter, config)
+    denoiser = getattr(pipe, adapter.denoiser_attr, pipe)
+    tensor.apply(denoiser, mesh, adapter, config)
+    # 1b. CUDA fast path, where the layers stay whole (the tensor plan names to_q/to_k/to_v;
+    #    PipeFusion's stage loop is not compiled yet): fused Q/K/V before step 2 wraps the processors.
+    cuda, whole = _on_cuda(pipe), config.tensor_degree == 1 and config.pipefusion_degree == 1
+    if cuda:
+        fastpath.prefer_cudnn_attention(denoiser)
+        if whole:
+            fastpath.fuse_qkv(denoiser)
     # 2. sequence (ulysses, ring): split/gather hooks and sequence-parallel attention processors,
     #    on the denoiser itself: before step 3 replaces it (PipeFusion's stale-K/V processors wrap
     #    these, and its stage loop shards each patch with their context) and before step 4 wraps it
@@ -49,7 +63,11 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     from ditmesh.parallel import sequence
 
     if config.sequence_degree > 1:
-        sequence.apply(getattr(pipe, adapter.denoiser_attr, pipe), mesh, adapter, config)
+        sequence.apply(denoiser, mesh, adapter, config)
+    # 2b. regional compile of the blocks as steps 1-2 left them (Ulysses all-to-alls and the ring's
+    #    all-gather are functional collectives: they sit inside the graphs, no graph break).
+    if (cuda if compile is None else compile) and whole:
+        fastpath.compile_repeated_blocks(denoiser)
     # 3. pipefusion: split the blocks into stages; takes over the denoising loop. Inside cfg: each
     #    guidance branch runs its own pipeline of stages, exchanging predictions per patch.
     if config.pipefusion_degree > 1:

@@ -13,7 +13,9 @@ Two schedules of the same exchange:
   arrival order, and one launch attends a run of consecutive blocks. Small blocks (576 tokens
   at ring=8 for a 1024² FLUX image) leave attention kernels far below their throughput and pay
   a launch each; grouping them keeps the same transfers and overlap with fewer, larger
-  launches. `plan_groups` picks the grouping from a cost model.
+  launches. `plan_groups` picks the grouping from a cost model. One run over all blocks (the
+  plan where transfers gain nothing beside compute, as on H200s) is an all-gather of K/V and
+  one launch; it is also the schedule under `torch.compile`, which cannot trace P2P hops.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ditmesh.kernels import merge_lse
-from ditmesh.parallel.comm import ring_pass_start, ring_shift_start, ring_shift_wait
+from ditmesh.parallel.comm import all_gather, ring_pass_start, ring_shift_start, ring_shift_wait
 
 # (q, k, v) -> (out, lse fp32): a local attention that returns log-sum-exp.
 LseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -60,10 +62,14 @@ def ring_attention(
     world = dist.get_world_size(group)
     tensors = (q_BHSD, k_BHSD, v_BHSD, *(extra_kv or ()))
     records_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if group_sizes is None or records_grad:
+    if torch.compiler.is_compiling():
+        group_sizes = [world]  # P2P hops cannot be traced into a graph; the all-gather can
+    elif group_sizes is None or records_grad:
         return _step_by_step(q_BHSD, k_BHSD, v_BHSD, group, attend, valid_keys, extra_kv, step)
     if sum(group_sizes) != world or min(group_sizes) < 1:
         raise ValueError(f"group_sizes {list(group_sizes)} must be positive and sum to the ring size {world}")
+    if len(group_sizes) == 1:
+        return _gathered(q_BHSD, k_BHSD, v_BHSD, group, attend, valid_keys, extra_kv)
     return _grouped(q_BHSD, k_BHSD, v_BHSD, group, attend, valid_keys, extra_kv, step, group_sizes)
 
 
@@ -83,6 +89,25 @@ def _step_by_step(q, k, v, group, attend, valid_keys, extra_kv, step):
         kv = nxt
     assert acc is not None, "ring attention saw no keys at all"
     return acc
+
+
+def _gathered(q, k, v, group, attend, valid_keys, extra_kv):
+    """One run over every block: the hops of that run are an all-gather of K and V, so one
+    collective (which NCCL pipelines over its own ring) replaces R - 1 dependent hops, then one
+    launch attends text + all valid keys (key order does not matter to attention)."""
+    world, block = dist.get_world_size(group), k.shape[2]
+    # (block, 2, B, H, D) sequence-major, so the gather concatenates blocks without a reshuffle.
+    kv = all_gather(torch.stack([k, v]).permute(3, 0, 1, 2, 4), dim=0, group=group)
+    valid = list(valid_keys) if valid_keys is not None else [block] * world
+    total = sum(valid)
+    if valid == [min(max(total - r * block, 0), block) for r in range(world)]:
+        kv = kv[:total]  # padding only at the end (how sequence shards pad): the valid keys are a prefix
+    else:
+        kv = torch.cat([kv[r * block : r * block + n] for r, n in enumerate(valid)])
+    keys, values = kv.permute(1, 2, 3, 0, 4).unbind(0)  # (B, H, S, D) views
+    if extra_kv is not None:
+        keys, values = torch.cat([extra_kv[0], keys], dim=2), torch.cat([extra_kv[1], values], dim=2)
+    return attend(q, keys, values)
 
 
 def _grouped(q, k, v, group, attend, valid_keys, extra_kv, step, group_sizes):
