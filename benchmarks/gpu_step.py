@@ -196,8 +196,8 @@ def build(cls_name: str, config: dict) -> torch.nn.Module:
     return model
 
 
-def flux_inputs(batch: int = 1) -> dict:
-    h = w = 64  # 1024 px / 8 (VAE) / 2 (packing) -> 64 x 64 = 4096 tokens
+def flux_inputs(batch: int = 1, h: int = 64, w: int = 64) -> dict:
+    # 1024 px / 8 (VAE) / 2 (packing) -> 64 x 64 = 4096 tokens
     img_ids = torch.zeros(h, w, 3, device="cuda")
     img_ids[..., 1] = torch.arange(h, device="cuda")[:, None]
     img_ids[..., 2] = torch.arange(w, device="cuda")[None, :]

@@ -88,6 +88,7 @@ class Settings:
     profile_steps: int
     text_len: dict[str, int]
     specs: dict[str, dict]
+    compile: bool | None = None  # parallelize's `compile` (None: its default, compiled on CUDA)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -98,7 +99,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         extra = QUICK_GPU if args.quick else {"flux": {}, "sd3": {}}
         specs = {"flux": dict(FLUX_DEV, **extra["flux"]), "sd3": dict(SD35_LARGE, **extra["sd3"])}
         size, steps, text_len, dtype = args.size or 1024, args.steps or (4 if args.quick else 28), {"flux": 512, "sd3": 256}, "bfloat16"
-    return Settings(args.device, dtype, size, steps, args.samples, args.loops, args.profile_steps, text_len, specs)
+    return Settings(args.device, dtype, size, steps, args.samples, args.loops, args.profile_steps, text_len, specs,
+                    compile=False if args.eager else None)
 
 
 # ---- cases ------------------------------------------------------------------------------------
@@ -331,7 +333,7 @@ def run_case(case: Case, world: int, settings: Settings, device: torch.device, p
         # ValueError on every rank and all of them move on to the next case together.
         if str(config) not in meshes:
             meshes[str(config)] = ParallelMesh.build(config)
-        pipe = parallelize(pipe, config, mesh=meshes[str(config)])
+        pipe = parallelize(pipe, config, mesh=meshes[str(config)], compile=settings.compile)
     except ValueError as exc:
         result.skipped = str(exc)
         return result
@@ -564,6 +566,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=5, help="timed transformer forwards per case (median)")
     parser.add_argument("--loops", type=int, default=2, help="timed denoising loops per case (median)")
     parser.add_argument("--profile-steps", type=int, default=3, help="profiled forwards at the largest world (0: none)")
+    parser.add_argument("--eager", action="store_true",
+                        help="no regional compile (parallelize compiles the blocks on CUDA where the layers stay "
+                             "whole; the first forward of each case then takes minutes)")
     parser.add_argument("--tag", default=None, help="results file name: multi_gpu_<tag>.{json,md,png}")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     parser.add_argument("--nccl-timeout", type=float, default=300.0,
@@ -600,7 +605,7 @@ def main() -> None:
     env = dict(tag=tag, device=device_name, torch=torch.__version__, diffusers=diffusers.__version__, dtype=settings.dtype,
                size=settings.size, steps=settings.steps, worlds=worlds, command="python " + " ".join(sys.argv),
                flux_layers=f"{settings.specs['flux']['num_layers']}+{settings.specs['flux']['num_single_layers']}",
-               sd3_layers=settings.specs["sd3"]["num_layers"])
+               sd3_layers=settings.specs["sd3"]["num_layers"], compiled=settings.compile is not False and args.device == "cuda")
     report = {"env": env, "results": [{k: v for k, v in r.items() if k != "latent"} for r in rows], "notes": notes}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"multi_gpu_{tag}"

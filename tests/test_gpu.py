@@ -70,7 +70,7 @@ def test_mesh_builds_on_cuda_with_nccl(world1):
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3", "tiny-sdxl"])
 def test_parallelized_pipeline_matches_unwrapped_on_device(world1, name):
     expected = generate(tiny_pipeline(name).to(world1))
-    pipe = parallelize(tiny_pipeline(name).to(world1), ParallelConfig())
+    pipe = parallelize(tiny_pipeline(name).to(world1), ParallelConfig(), compile=False)  # compiled: below
     got = generate(pipe)
     assert got.device.type == world1.type
     # Same fp32 model, inputs and kernels on the same device: only kernel-selection noise allowed.
@@ -100,6 +100,25 @@ def test_sequence_parallel_transformer_at_degree_1_matches_plain(world1, family,
         expected, got = plain(**kwargs)[0], wrapped(**kwargs)[0]
     assert handle.ctx.num_tokens is not None and got.device.type == world1.type
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # fp32: math vs SDPA rounding only
+
+
+@pytest.mark.timeout(600)
+def test_compiled_blocks_around_sequence_wrappers_match_eager(world1):
+    # What parallelize compiles on CUDA under sequence parallelism, with inductor, at degree 1.
+    from ditmesh.models.base import adapter_for
+    from ditmesh.models.tiny import flux_transformer_inputs, tiny_flux_transformer
+    from ditmesh.parallel import fastpath, sequence
+
+    kwargs = {k: v.to(world1) if isinstance(v, torch.Tensor) else v for k, v in flux_transformer_inputs(height=32, width=48).items()}
+    plain, wrapped = tiny_flux_transformer().to(world1), tiny_flux_transformer().to(world1)
+    config = ParallelConfig()
+    sequence.apply(wrapped, ParallelMesh.build(config), adapter_for(wrapped), config)
+    fastpath.fuse_qkv(wrapped)
+    fastpath.compile_repeated_blocks(wrapped, inductor_knobs=False)
+    with torch.no_grad():
+        expected, got = plain(**kwargs)[0], wrapped(**kwargs)[0]
+    assert all(b._compiled_call_impl is not None for b in fastpath.repeated_blocks(wrapped))
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)  # fp32; TF32 off by default
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["attend+merge", "fused-step"])

@@ -1,0 +1,115 @@
+"""PYTHONPATH=$PWD python3 benchmarks/parallel_path.py --out benchmarks/results   # one GPU, needs diffusers
+
+What a rank of a sequence-parallel run spends besides the model and the collectives, on one GPU.
+A FLUX.1-dev-sized transformer (random bf16 weights, 512 text tokens) runs in a 1-rank NCCL group
+with ditmesh's sequence-parallel hooks and attention processors installed at degree 1: every
+piece of the Ulysses / ring path except the exchanges themselves. Variants, in one process:
+
+  diffusers eager                     the model as diffusers runs it
+  sequence wrappers, eager            + ditmesh's split/gather hooks and attention processors
+  sequence wrappers, compiled         + what `parallelize` now adds on CUDA (cuDNN first, fused
+                                        QKV, regional compile of the blocks around the wrappers)
+
+at 2048 image tokens (the tokens each rank of ulysses=2 / ring=2 runs its linear layers on; its
+attention covers all keys, so this understates its attention) and at 4096 (1024², serial).
+Per variant: GPU ms per step (CUDA events; a host-bound loop shows as GPU time too), host ms to
+issue one step without waiting, and the error against diffusers eager. Writes
+parallel_path_h200.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.gpu_step import bench_ms, build, flux_inputs, rel_err  # noqa: E402
+from ditmesh import ParallelConfig, ParallelMesh  # noqa: E402
+from ditmesh.models.base import adapter_for  # noqa: E402
+from ditmesh.models.flux import FLUX_DEV_CONFIG  # noqa: E402
+from ditmesh.parallel import fastpath, sequence  # noqa: E402
+
+ROWS: list[dict] = []
+
+
+def host_ms(fn, calls: int = 5) -> float:
+    """Host time to issue one forward (the GPU may still be running it)."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
+def measure(name: str, tokens: int, fn, reference: torch.Tensor | None) -> torch.Tensor:
+    start = time.time()
+    with torch.no_grad():
+        out = fn()[0]
+        torch.cuda.synchronize()
+        first_s = time.time() - start
+        row = dict(variant=name, image_tokens=tokens, gpu_ms=bench_ms(fn, samples=5, min_sample_ms=0), host_ms=host_ms(fn),
+                   first_call_s=first_s, rel_err_vs_diffusers=rel_err(out.float(), reference.float()) if reference is not None else 0.0)
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+    return out
+
+
+def markdown() -> str:
+    lines = ["# Sequence-parallel path on one GPU (degree 1): wrappers and compile vs diffusers", "",
+             f"{torch.cuda.get_device_name()}, torch {torch.__version__}; FLUX.1-dev-sized transformer, bf16, 512 text tokens.",
+             "", "| image tokens | variant | GPU ms/step | host ms/step | first call s | rel err |", "|---:|---|---:|---:|---:|---:|"]
+    for r in ROWS:
+        lines.append(f"| {r['image_tokens']} | {r['variant']} | {r['gpu_ms']:.1f} | {r['host_ms']:.1f} | {r['first_call_s']:.1f} | {r['rel_err_vs_diffusers']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant (minutes of compile)")
+    parser.add_argument("--tokens", default="2048,4096", help="image token counts (multiples of 64)")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of --out's existing JSON (other token counts)")
+    parser.add_argument("--deadline-s", type=float, default=300.0, help="start no compiled shape after this many seconds")
+    args = parser.parse_args()
+    started = time.time()
+    torch.cuda.set_device(0)
+    store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    model = build("FluxTransformer2DModel", FLUX_DEV_CONFIG)
+    inputs = {tokens: flux_inputs(h=64, w=tokens // 64) for tokens in map(int, args.tokens.split(","))}
+    saved = args.out / "parallel_path_h200.json"
+    if args.merge and saved.exists():
+        ROWS.extend(r for r in json.loads(saved.read_text())["rows"] if r["image_tokens"] not in inputs)
+    refs = {t: measure("diffusers eager", t, lambda t=t: model(**inputs[t]), None) for t in inputs}
+    config = ParallelConfig()
+    sequence.apply(model, ParallelMesh.build(config), adapter_for(model), config)
+    for t in inputs:
+        measure("sequence wrappers, eager", t, lambda t=t: model(**inputs[t]), refs[t])
+    if not args.no_compile:
+        fastpath.prefer_cudnn_attention(model)
+        fastpath.fuse_qkv(model)
+        fastpath.compile_repeated_blocks(model)
+        for t in inputs:  # the second shape recompiles (minutes): skipped past the deadline
+            if time.time() - started < args.deadline_s:
+                measure("sequence wrappers, compiled (parallelize on CUDA)", t, lambda t=t: model(**inputs[t]), refs[t])
+    args.out.mkdir(parents=True, exist_ok=True)
+    ROWS.sort(key=lambda r: r["image_tokens"])
+    (args.out / "parallel_path_h200.json").write_text(json.dumps({"rows": ROWS, "device": torch.cuda.get_device_name()}, indent=1))
+    (args.out / "parallel_path_h200.md").write_text(markdown())
+    print(markdown())
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
