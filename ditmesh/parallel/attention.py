@@ -143,7 +143,8 @@ def attention(q_BHSD, k_BHSD, v_BHSD, *, ctx: SequenceContext | None = None, sca
     if ctx.ulysses_size > 1:
         # Image: token shard -> head shard over the ulysses group's tokens. Text is replicated:
         # slice this rank's heads locally.
-        qi, ki, vi = (ulysses.heads_to_sequence(x, ctx.ulysses_group) for x in (qi, ki, vi))
+        # One all-to-all for q, k and v together (stacked on the batch dim, which it leaves alone).
+        qi, ki, vi = ulysses.heads_to_sequence(torch.cat([qi, ki, vi]), ctx.ulysses_group).chunk(3)
         qt, kt, vt = (ulysses.local_heads(x, ctx.ulysses_group) for x in (qt, kt, vt))
     out_i, out_t = _attend_shards(qi, ki, vi, qt, kt, vt, ctx, scale)
     if ctx.ulysses_size > 1:
