@@ -1,8 +1,11 @@
-"""`ditmesh` command line: ``ditmesh generate`` runs a pipeline on several processes (GPUs).
+"""`ditmesh` command line: ``ditmesh generate`` runs a pipeline on several processes (GPUs);
+``ditmesh bench`` times the same generation under several parallel configs side by side.
 
     ditmesh generate --model tiny-flux --parallel ulysses=2 -o out.png
     ditmesh generate --model /models/FLUX.1-dev --parallel cfg=2,ulysses=4 \\
         --prompt "a cat" --negative-prompt "blurry" --true-cfg-scale 4 --steps 28 -o cat.png
+    ditmesh bench --model /models/FLUX.1-dev --parallel serial ulysses=8 ring=8 ring=2,ulysses=4 \\
+        --steps 28 --dtype bfloat16 --height 1024 --width 1024 --json bench.json
 
 One process per rank is spawned through `DistributedRunner` (the product of the parallel degrees;
 NCCL on GPUs, gloo on CPU); rank 0's progress is drawn here and the images are written here.
@@ -60,6 +63,25 @@ def _parser() -> argparse.ArgumentParser:
                      help="auto: one GPU per process if there are GPUs, else CPU processes")
     gen.add_argument("-o", "--output", default="out.png", help="image path; several images: out_0.png, out_1.png, ...")
     gen.set_defaults(run=_generate)
+
+    bench = commands.add_parser("bench", help="time one generation under several parallel configs, side by side",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_argument("--model", default="tiny-flux", help=gen._option_string_actions["--model"].help)
+    bench.add_argument("--parallel", nargs="+", default=["serial", "ulysses=2", "ring=2"],
+                       help="configs to compare (the first that runs is the baseline of speed-up and pixel diff)")
+    bench.add_argument("--prompt", default="a photo of an astronaut riding a horse")
+    bench.add_argument("--negative-prompt", default=None)
+    bench.add_argument("--true-cfg-scale", type=float, default=None, help="FLUX true CFG (what cfg=2 splits)")
+    bench.add_argument("--steps", type=int, default=4)
+    bench.add_argument("--height", type=int, default=None)
+    bench.add_argument("--width", type=int, default=None)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--repeats", type=int, default=3, help="timed generations per config (median)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed generations per config first (compile, caches)")
+    bench.add_argument("--dtype", choices=DTYPES, default="float32")
+    bench.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    bench.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
+    bench.set_defaults(run=_bench)
     return parser
 
 
@@ -81,6 +103,32 @@ def _generate(args: argparse.Namespace) -> int:
     total = time.perf_counter() - started
     print(f"wrote {', '.join(map(str, paths))} ({result['images'][0].width}x{result['images'][0].height}, "
           f"{config.world_size} process(es), {config}): generation {result['seconds']:.2f} s, total {total:.2f} s")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ditmesh import bench
+
+    configs = [ParallelConfig.parse(spec) for spec in args.parallel]  # all parsed before any process starts
+    _check_model(args.model)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    payload = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, height=args.height,
+                   width=args.width, seed=args.seed)
+    if args.true_cfg_scale is not None:
+        payload["true_cfg_scale"] = args.true_cfg_scale
+    rows = bench.run_configs(configs, dict(model=args.model, dtype=args.dtype), payload, repeats=args.repeats,
+                             warmup=args.warmup, device_type=None if args.device == "auto" else args.device)
+    print(f"{args.model}, {args.steps} steps, {args.dtype}; generation time on rank 0, median of {args.repeats}")
+    print(bench.table(rows))
+    if args.json:
+        import json
+
+        report = dict(model=args.model, steps=args.steps, dtype=args.dtype, height=args.height, width=args.width,
+                      repeats=args.repeats, warmup=args.warmup, environment=bench.environment(), rows=rows)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 

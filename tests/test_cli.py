@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -39,6 +41,30 @@ def test_generate_bad_model_names_the_fix(tmp_path, capsys):
     assert f"no model_index.json in {tmp_path}" in capsys.readouterr().err
     assert main(["generate", "--parallel", "ulysses=two"]) == 2
     assert "ulysses must be an integer" in capsys.readouterr().err
+
+
+def test_bench_compares_configs_against_the_first_and_reports_refusals(tmp_path):
+    report_path = tmp_path / "bench.json"
+    proc = run_cli("bench", "--model", "tiny-flux", "--parallel", "serial", "ulysses=2", "tensor=3", "--steps", "2",
+                   "--repeats", "2", "--warmup", "1", "--height", "64", "--width", "64", "--json", str(report_path))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(report_path.read_text())["rows"]
+    assert [r["config"] for r in rows] == ["serial", "ulysses=2", "tensor=3"]
+    serial, ulysses, refused = rows
+    assert serial["speedup"] == 1.0 and serial["max_pixel_diff"] == 0 and serial["processes"] == 1
+    # ulysses=2 is timed against serial and draws the same image (fp32: at most one level of rounding)
+    assert ulysses["baseline"] == "serial" and ulysses["processes"] == 2 and ulysses["max_pixel_diff"] <= 1
+    assert ulysses["speedup"] == pytest.approx(serial["median_s"] / ulysses["median_s"])
+    assert ulysses["best_s"] <= ulysses["median_s"] and ulysses["images"] == 1
+    assert "valid tensor degrees: 1, 2, 4" in refused["refused"]  # the fix, and the other configs still ran
+    assert "| ulysses=2 | 2 |" in proc.stdout and "refused: tensor_degree 3" in proc.stdout
+
+
+def test_bench_bad_arguments_name_the_fix(capsys):
+    assert main(["bench", "--repeats", "0"]) == 2
+    assert "repeats must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "--parallel", "serial", "ring=x"]) == 2
+    assert "ring must be an integer" in capsys.readouterr().err
 
 
 # ---- DiffusionWorker through DistributedRunner ----------------------------------------------------

@@ -1,0 +1,93 @@
+"""`ditmesh bench`: the same generation under several parallel configs, timed side by side.
+
+Each config gets its own `DistributedRunner` of `DiffusionWorker` ranks (one process per rank,
+started and stopped in turn, so configs never share GPUs). A config runs `warmup` untimed
+generations (process groups, kernels and, on CUDA, the compile of the first call), then
+`repeats` timed ones with the same seed. A row reports the generation time measured on rank 0
+(median and best), the speed-up against the first config that ran, and the largest pixel
+difference of its first image from that config's. Data parallelism makes more images per call,
+so images per second is the throughput to compare there. A config that cannot run gets the
+`ValueError` that names the fix in its row, and the others still run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import statistics
+from typing import Any
+
+import numpy as np
+
+from ditmesh.config import ParallelConfig
+
+
+def run_configs(configs: list[ParallelConfig], setup: dict[str, Any], payload: dict[str, Any], *, repeats: int = 3,
+                warmup: int = 1, device_type: str | None = None) -> list[dict[str, Any]]:
+    """Time `payload` (a `DiffusionWorker` request) under each config; one row per config."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    rows: list[dict[str, Any]] = []
+    baseline: dict[str, Any] | None = None
+    for config in configs:
+        row, first_image = asyncio.run(_time_config(config, setup, payload, repeats, warmup, device_type))
+        if first_image is not None:
+            if baseline is None:
+                baseline = dict(row, image=first_image)
+            row["speedup"] = baseline["median_s"] / row["median_s"]
+            row["max_pixel_diff"] = _pixel_diff(first_image, baseline["image"])
+            row["baseline"] = baseline["config"]
+        rows.append(row)
+    return rows
+
+
+async def _time_config(config, setup, payload, repeats, warmup, device_type) -> tuple[dict[str, Any], Any]:
+    from ditmesh.runner.diffusion import DiffusionWorker
+    from ditmesh.runner.protocol import RemoteError
+    from ditmesh.runner.runner import DistributedRunner
+
+    row: dict[str, Any] = dict(config=str(config), processes=config.world_size)
+    runner = DistributedRunner(DiffusionWorker, world_size=config.world_size, device_type=device_type,
+                               setup_kwargs=dict(setup, parallel=str(config)))
+    try:
+        async with runner:
+            for _ in range(warmup):
+                await runner.invoke(payload)
+            results = [await runner.invoke(payload) for _ in range(repeats)]
+    except RemoteError as error:
+        if not error.exc_type.endswith("ValueError"):
+            raise
+        row["refused"] = error.message
+        return row, None
+    seconds = [r["seconds"] for r in results]
+    images = len(results[0]["images"])
+    row.update(median_s=statistics.median(seconds), best_s=min(seconds), images=images,
+               images_per_s=images / statistics.median(seconds), device=runner.device_type)
+    return row, results[0]["images"][0]
+
+
+def _pixel_diff(image: Any, reference: Any) -> int | None:
+    a, b = np.asarray(image, dtype=np.int16), np.asarray(reference, dtype=np.int16)
+    return int(np.abs(a - b).max()) if a.shape == b.shape else None
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table."""
+    lines = ["| config | processes | median s | best s | speed-up | images/s | max pixel diff |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "refused" in r:
+            lines.append(f"| {r['config']} | {r['processes']} | refused: {r['refused']} | | | | |")
+            continue
+        diff = "n/a (size)" if r["max_pixel_diff"] is None else str(r["max_pixel_diff"])
+        lines.append(f"| {r['config']} | {r['processes']} | {r['median_s']:.3f} | {r['best_s']:.3f} | "
+                     f"{r['speedup']:.2f}x | {r['images_per_s']:.2f} | {diff} |")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return dict(torch=torch.__version__, python=platform.python_version(), gpus=gpus, cpu=platform.processor() or platform.machine())
