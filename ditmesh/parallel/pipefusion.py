@@ -247,11 +247,10 @@ class _Stage:
         self._connected = False
 
     def _connect(self, device: torch.device) -> None:
-        # NCCL creates a pair's P2P communicator at the pair's first send/receive, blocking until
-        # both ranks get there. The stages' first P2P calls differ (stage 0 posts a receive on the
-        # return group, the others on the forward group), so each would block in a different
-        # group's creation: a deadlock. One ring exchange per group, every rank, same order (the
-        # documented way to make batch_isend_irecv a group's first call) creates them up front.
+        # Every P2P call of the stages is a batch (`_p2p`), which NCCL runs on its group's
+        # communicator. The first batch on a group must involve all of the group's ranks
+        # (torch's rule for batch_isend_irecv). So one ring exchange per group, on every rank and
+        # in the same order, makes both communicators before any stage posts its own calls.
         if self._connected:
             return
         self._connected = True
@@ -288,9 +287,9 @@ class _Stage:
                 prediction, latent[region] = update(result, item.step, item, latent[region])
                 outputs.append((item, prediction))
                 if item.step < items[-1].step:  # back to stage 0 for the next step
-                    sends.append(dist.isend(latent[region].contiguous(), self.next_rank, group=self.return_group, tag=_LATENT_TAG))
+                    sends.append(_p2p(dist.isend, latent[region].contiguous(), self.next_rank, self.return_group, _LATENT_TAG))
             else:
-                sends.append(dist.isend(result.contiguous(), self.next_rank, group=self.group, tag=_HIDDEN_TAG))
+                sends.append(_p2p(dist.isend, result.contiguous(), self.next_rank, self.group, _HIDDEN_TAG))
             # Drop finished sends without blocking: waiting here could close a cycle of ranks
             # each waiting for the next to post a receive.
             sends = [work for work in sends if not work.is_completed()]
@@ -322,16 +321,26 @@ class _Stage:
         return dataclasses.replace(patch, shard=self.shard, num_shards=self.num_shards)
 
     def _hidden_inbox(self, items: list[_Item], dtype: torch.dtype, shape: Callable[[Patch], tuple[int, ...]]):
-        # Yield each item's [text, image] tokens with the receive for the next item already
-        # posted, so the transfer overlaps this item's compute.
+        # Yield each item's [text, image] tokens. The last stage posts the next item's receive
+        # before computing this one, so the transfer overlaps the compute. A middle stage posts it
+        # only after sending this item (when the generator resumes): on NCCL one group's P2P calls
+        # run in order on one stream, and a receive queued ahead of that send could be waiting for
+        # a patch that needs the send (a warm-up step is one item, so the next item is the next step's).
         device = next(self.model.parameters()).device
-        pending = self._post(shape(self.local(items[0].patch)), self.prev_rank, _HIDDEN_TAG, dtype, device)
+
+        def post(index: int):
+            return self._post(shape(self.local(items[index].patch)), self.prev_rank, _HIDDEN_TAG, dtype, device)
+
+        pending = post(0)
         for index in range(len(items)):
             buf, work = pending
             work.wait()
-            if index + 1 < len(items):
-                pending = self._post(shape(self.local(items[index + 1].patch)), self.prev_rank, _HIDDEN_TAG, dtype, device)
+            more = index + 1 < len(items)
+            if more and self.last:
+                pending = post(index + 1)
             yield buf
+            if more and not self.last:
+                pending = post(index + 1)
 
     def _latent_inbox(self, items: list[_Item], latent: torch.Tensor):
         # The last stage sends back, in item order, each updated region for the next step. Stage 0
@@ -360,7 +369,16 @@ class _Stage:
 
     def _post(self, shape, src: int, tag: int, dtype, device, group: dist.ProcessGroup | None = None):
         buf = torch.empty(shape, dtype=dtype, device=device)
-        return buf, dist.irecv(buf, src, group=group or self.group, tag=tag)
+        return buf, _p2p(dist.irecv, buf, src, group or self.group, tag)
+
+
+def _p2p(op: Callable, tensor: torch.Tensor, peer: int, group: dist.ProcessGroup, tag: int) -> dist.Work:
+    """One isend/irecv, posted as a batch of one. On NCCL a batch uses its group's communicator,
+    which `_Stage._connect` makes on every rank up front. A lone isend/irecv would make a separate
+    two-rank communicator at its first call and block until the peer makes the same one. Stage
+    0's first lone call is on the return group, the others' on the forward group, so each would
+    block in a different creation: the hang seen with pipefusion=2 on two H200s."""
+    return dist.batch_isend_irecv([dist.P2POp(op, tensor, peer, group, tag)])[0]
 
 
 
