@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="float32")
     gen.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                      help="auto: one GPU per process if there are GPUs, else CPU processes")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the transformer blocks on GPUs (minutes once; pays off over many images, "
+                          "as in a server; one image is faster without)")
     gen.add_argument("-o", "--output", default="out.png", help="image path; several images: out_0.png, out_1.png, ...")
     gen.set_defaults(run=_generate)
 
@@ -80,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1, help="untimed generations per config first (compile, caches)")
     bench.add_argument("--dtype", choices=DTYPES, default="float32")
     bench.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    bench.add_argument("--eager", action="store_true", help="no torch.compile of the blocks (compiled on GPUs by default)")
     bench.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
     bench.set_defaults(run=_bench)
     return parser
@@ -98,7 +102,8 @@ def _generate(args: argparse.Namespace) -> int:
         payload["true_cfg_scale"] = args.true_cfg_scale
     device_type = None if args.device == "auto" else args.device
     started = time.perf_counter()
-    result = asyncio.run(_run(config, device_type, dict(model=args.model, parallel=str(config), dtype=args.dtype), payload))
+    setup = dict(model=args.model, parallel=str(config), dtype=args.dtype, compile=None if args.compile else False)
+    result = asyncio.run(_run(config, device_type, setup, payload))
     paths = _save(result["images"], Path(args.output))
     total = time.perf_counter() - started
     print(f"wrote {', '.join(map(str, paths))} ({result['images'][0].width}x{result['images'][0].height}, "
@@ -117,7 +122,8 @@ def _bench(args: argparse.Namespace) -> int:
                    width=args.width, seed=args.seed)
     if args.true_cfg_scale is not None:
         payload["true_cfg_scale"] = args.true_cfg_scale
-    rows = bench.run_configs(configs, dict(model=args.model, dtype=args.dtype), payload, repeats=args.repeats,
+    setup = dict(model=args.model, dtype=args.dtype, compile=False if args.eager else None)
+    rows = bench.run_configs(configs, setup, payload, repeats=args.repeats,
                              warmup=args.warmup, device_type=None if args.device == "auto" else args.device)
     print(f"{args.model}, {args.steps} steps, {args.dtype}; generation time on rank 0, median of {args.repeats}")
     print(bench.table(rows))
@@ -125,7 +131,8 @@ def _bench(args: argparse.Namespace) -> int:
         import json
 
         report = dict(model=args.model, steps=args.steps, dtype=args.dtype, height=args.height, width=args.width,
-                      repeats=args.repeats, warmup=args.warmup, environment=bench.environment(), rows=rows)
+                      repeats=args.repeats, warmup=args.warmup, compile_on_gpu=not args.eager, environment=bench.environment(),
+                      rows=rows)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")

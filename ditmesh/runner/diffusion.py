@@ -34,12 +34,14 @@ PREVIEW_SIZE = 64
 class DiffusionWorker(DistributedWorker):
     """Serves text-to-image requests with a parallelized diffusers pipeline on every rank."""
 
-    def setup(self, model: str = "tiny-flux", parallel: str | ParallelConfig = "ulysses=2", dtype: str = "float32") -> None:
+    def setup(self, model: str = "tiny-flux", parallel: str | ParallelConfig = "ulysses=2", dtype: str = "float32",
+              compile: bool | None = None) -> None:
         """Load `model` (a tiny name or a local diffusers folder) in `dtype` on this rank's device
-        and parallelize it with `parallel` (a `ParallelConfig` or its string form)."""
+        and parallelize it with `parallel` (a `ParallelConfig` or its string form). `compile` is
+        `parallelize`'s (None: compiled on CUDA; the first request then takes minutes)."""
         config = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig.parse(parallel)
         config.check_world_size(self.world_size)
-        self.pipe = parallelize(load_pipeline(model, dtype=dtype, device=self.device), config)
+        self.pipe = parallelize(load_pipeline(model, dtype=dtype, device=self.device), config, compile=compile)
         self.default_size = TINY_SIZE if model in TINY_PIPELINES else None  # None: the pipeline's own default
 
     def __call__(
