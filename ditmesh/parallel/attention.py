@@ -178,8 +178,7 @@ def _attend_shards(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale):
     q = torch.cat([qt_local, qi], dim=2)
     extra = (kt, vt) if num_text else None
     fused = step if ctx.backend == "auto" else None  # other backends: attend, then merge
-    # (compiled: ring_attention takes the one schedule a graph holds)
-    sizes = None if torch.compiler.is_compiling() else ring_group_sizes(q, ki, num_text, ctx.ring_size)
+    sizes = ring_group_sizes(q, ki, num_text, ctx.ring_size)
     out, _ = ring_attention(q, ki, vi, ctx.ring_group, attend, valid_keys=valid, extra_kv=extra, step=fused, group_sizes=sizes)
     num_local = qt_local.shape[2]
     out_t = all_gather(out[:, :, :num_local], dim=2, group=ctx.ring_group)[:, :, :num_text] if num_text else out[:, :, :0]
