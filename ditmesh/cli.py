@@ -25,6 +25,7 @@ from ditmesh.config import ParallelConfig
 
 TINY_MODELS = ("tiny-flux", "tiny-sd3", "tiny-sdxl")
 DTYPES = ("float32", "bfloat16", "float16")
+MODEL_HELP = f"{', '.join(TINY_MODELS)} (tiny random, offline) or a local diffusers folder (model_index.json)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate images from a prompt",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    gen.add_argument("--model", default="tiny-flux",
-                     help=f"{', '.join(TINY_MODELS)} (tiny random, offline) or a local diffusers folder (model_index.json)")
+    gen.add_argument("--model", default="tiny-flux", help=MODEL_HELP)
     gen.add_argument("--parallel", default="serial",
                      help='degrees, e.g. "cfg=2,ulysses=2" (data, cfg, pipefusion, ring, ulysses, tensor); '
                           "their product is the number of processes")
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time one generation under several parallel configs, side by side",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    bench.add_argument("--model", default="tiny-flux", help=gen._option_string_actions["--model"].help)
+    bench.add_argument("--model", default="tiny-flux", help=MODEL_HELP)
     bench.add_argument("--parallel", nargs="+", default=["serial", "ulysses=2", "ring=2"],
                        help="configs to compare (the first that runs is the baseline of speed-up and pixel diff)")
     bench.add_argument("--prompt", default="a photo of an astronaut riding a horse")
@@ -92,10 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> int:
     config = ParallelConfig.parse(args.parallel)
     _check_model(args.model)
-    # Library advisories (optional packages not installed) in every worker drown the progress bar;
-    # the workers inherit this environment. Set the variables yourself to see them.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    _quiet_libraries()
     payload = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, height=args.height,
                    width=args.width, seed=args.seed, num_images=args.num_images, guidance=args.guidance)
     if args.true_cfg_scale is not None:
@@ -116,8 +113,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     configs = [ParallelConfig.parse(spec) for spec in args.parallel]  # all parsed before any process starts
     _check_model(args.model)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    _quiet_libraries()
     payload = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, height=args.height,
                    width=args.width, seed=args.seed)
     if args.true_cfg_scale is not None:
@@ -159,6 +155,13 @@ async def _run(config: ParallelConfig, device_type: str | None, setup: dict[str,
         if error.exc_type.endswith("ValueError"):
             raise ValueError(error.message) from None  # a user error on the ranks: show just its message
         raise
+
+
+def _quiet_libraries() -> None:
+    # Library advisories (optional packages not installed) in every worker drown the output; the
+    # workers inherit this environment. Set the variables yourself to see them.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 def _draw_progress(step: int, of: int, width: int = 30) -> None:
