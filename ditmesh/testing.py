@@ -10,6 +10,7 @@ Spawning costs seconds (each process imports torch); a pool is reused across tes
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
@@ -43,6 +44,8 @@ def _rank_main(rank: int, world_size: int, port: int, conn: mpc.Connection, thre
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
+    if os.path.exists("/sys/class/net/lo"):  # one host: keep gloo's traffic on loopback
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         while True:
@@ -51,11 +54,38 @@ def _rank_main(rank: int, world_size: int, port: int, conn: mpc.Connection, thre
                 break
             fn, args, kwargs = job
             try:
-                conn.send((True, fn(*args, **kwargs)))
+                result = (True, fn(*args, **kwargs))
             except BaseException:  # noqa: BLE001 - report everything to the parent
-                conn.send((False, traceback.format_exc()))
+                result = (False, traceback.format_exc())
+            _release_groups()  # before replying: the next job must not start beside the old groups
+            conn.send(result)
     finally:
         dist.destroy_process_group()
+
+
+def _release_groups() -> None:
+    """Destroy the process groups a job created (its meshes), keeping the world group.
+
+    Every gloo group owns threads (two workers and a transport loop that wakes constantly). A
+    pool that kept the groups of every test would hold thousands of threads per rank, and
+    their wake-ups would take the cores from the tests (most of a 2-core host's time in the
+    kernel). The groups' threads end when their objects are freed: collect the cycles that hold
+    them, then freeze what survives, so the next collection scans only the next job's objects.
+
+    DTensor caches sharding decisions keyed by `DeviceMesh`, and meshes compare equal by layout
+    alone, so a later job's mesh of the same layout would be handed the destroyed one's groups:
+    those caches are cleared too.
+    """
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+    from torch.distributed.tensor import debug as dtensor_debug
+
+    for group in list(c10d._world.pg_map):
+        if group is not c10d.GroupMember.WORLD:
+            dist.destroy_process_group(group)
+    dtensor_debug._clear_sharding_prop_cache()
+    gc.collect()
+    gc.freeze()
 
 
 class RankPool:
@@ -78,7 +108,7 @@ class RankPool:
             self._procs.append(proc)
             self._conns.append(parent)
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 900.0, **kwargs: Any) -> list[Any]:
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 120.0, **kwargs: Any) -> list[Any]:
         """Run ``fn(*args, **kwargs)`` on every rank; return the results indexed by rank.
 
         Raises `RankError` (lowest failing rank first) if any rank raised, `TimeoutError` if the
@@ -146,7 +176,7 @@ class RankPool:
         self.close()
 
 
-def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 900.0, **kwargs: Any) -> list[Any]:
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, **kwargs: Any) -> list[Any]:
     """One-off: spawn `world_size` gloo ranks, run ``fn(*args, **kwargs)`` on each, return the results."""
     with RankPool(world_size) as pool:
         return pool.run(fn, *args, timeout=timeout, **kwargs)

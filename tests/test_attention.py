@@ -18,13 +18,10 @@ from ditmesh.parallel.ring import plan_groups, ring_attention
 
 TOL = dict(atol=1e-5, rtol=0)
 default_costs = ring.RING_COSTS["cpu"]
-_MESHES: dict[str, ParallelMesh] = {}
 
 
 def _mesh(config: ParallelConfig) -> ParallelMesh:
-    if str(config) not in _MESHES:
-        _MESHES[str(config)] = ParallelMesh.build(config)
-    return _MESHES[str(config)]
+    return ParallelMesh.build(config)  # per job: the pool destroys a job's groups when it ends
 
 
 def _qkv(batch, heads, seq, dim, seed=0):

@@ -16,7 +16,7 @@ from ditmesh.cli import main
 from ditmesh.models.tiny import tiny_pipeline
 
 
-def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`ditmesh ...` in a fresh process (the installed entry point's code path)."""
     command = [sys.executable, "-c", "from ditmesh.cli import main; raise SystemExit(main())", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -77,7 +77,7 @@ async def _worker_session():
 
     payload = dict(prompt=["a cat", "a dog"], negative_prompt="blurry", steps=2, height=64, width=64, seed=5,
                    guidance=5.0, preview=True)
-    async with DistributedRunner(DiffusionWorker, world_size=4, device_type="cpu", timeout=900,
+    async with DistributedRunner(DiffusionWorker, world_size=4, device_type="cpu", timeout=120,
                                  setup_kwargs=dict(model="tiny-sd3", parallel="data=2,cfg=2")) as runner:
         items = [item async for item in runner.stream(payload, as_text_events=False)]
         text = [item async for item in runner.stream(dict(payload, preview=False), as_text_events=True)]

@@ -2,8 +2,8 @@
 
 The matrix runs `parallelize(tiny_pipeline(...), config)` for several axis combinations at world
 sizes 4 and 8 and compares the images (fp32, ``output_type="np"``) with the SAME tiny pipeline
-run serially in one process from the same seeds (atol 1e-4). All cases of one world size run in
-one `pool.run` call (one rank function, shared pools); the per-case tests read its result.
+run serially in one process from the same seeds (atol 1e-4). Each case is one `pool.run` on the
+shared pools; each rank builds a tiny pipeline once and copies it per case.
 """
 
 from __future__ import annotations
@@ -109,22 +109,18 @@ def _applied(pipe, denoiser) -> set[str]:
     return applied
 
 
-@pytest.fixture(scope="module")
-def matrix_4(pools):
-    return pools(4).run(_run_cases, CASES_4, timeout=1200)[0]
-
-
-@pytest.fixture(scope="module")
-def matrix_8(pools):
-    return pools(8).run(_run_cases, CASES_8, timeout=1200)[0]
-
-
 def _case_params(cases):
     params = []
-    for name, text, _, _ in cases:
+    for case in cases:
+        name, text = case[:2]
         marks = [pytest.mark.xfail(strict=True, reason=NOT_YET[text])] if text in NOT_YET else []
-        params.append(pytest.param(f"{name}:{text}", marks=marks, id=f"{name}:{text}"))
+        params.append(pytest.param(case, marks=marks, id=f"{name}:{text}"))
     return params
+
+
+def _run_case(pools, world_size: int, case: tuple) -> tuple[str, tuple[str, object]]:
+    name, text = case[:2]
+    return f"{name}:{text}", pools(world_size).run(_run_cases, [case])[0][f"{name}:{text}"]
 
 
 def _assert_matches_serial(case: str, result: tuple[str, object]) -> None:
@@ -140,13 +136,13 @@ def _assert_matches_serial(case: str, result: tuple[str, object]) -> None:
 
 
 @pytest.mark.parametrize("case", _case_params(CASES_4))
-def test_world4_matches_serial(matrix_4, case):
-    _assert_matches_serial(case, matrix_4[case])
+def test_world4_matches_serial(pools, case):
+    _assert_matches_serial(*_run_case(pools, 4, case))
 
 
 @pytest.mark.parametrize("case", _case_params(CASES_8))
-def test_world8_matches_serial(matrix_8, case):
-    _assert_matches_serial(case, matrix_8[case])
+def test_world8_matches_serial(pools, case):
+    _assert_matches_serial(*_run_case(pools, 8, case))
 
 
 # ---- refused before any collective or weight change ------------------------------------------
@@ -185,19 +181,10 @@ REFUSALS = [
 ]
 
 
-def _refusals(cases):
-    return [_refusal(name, text) for name, text, _ in cases]
-
-
-@pytest.fixture(scope="module")
-def refusals(pools):
-    return pools(4).run(_refusals, REFUSALS, timeout=1200)
-
-
 @pytest.mark.parametrize("index", range(len(REFUSALS)), ids=[f"{n}:{t}" for n, t, _ in REFUSALS])
-def test_refused_before_any_change(pools, refusals, index):
-    match = REFUSALS[index][2]
-    results = [per_rank[index] for per_rank in refusals]
+def test_refused_before_any_change(pools, index):
+    name, text, match = REFUSALS[index]
+    results = pools(4).run(_refusal, name, text)
     assert len({message for message, _ in results}) == 1, results  # every rank says the same
     message, untouched = results[0]
     assert re.search(match, message), message
@@ -206,7 +193,7 @@ def test_refused_before_any_change(pools, refusals, index):
 
 
 def test_tensor_degree_must_divide_heads(pools):
-    message, untouched = pools(2).run(_refusal, "bare-flux", "tensor=2", heads=3, timeout=1200)[0]
+    message, untouched = pools(2).run(_refusal, "bare-flux", "tensor=2", heads=3)[0]
     assert "tensor_degree 2 does not split the 3 attention heads" in message and "valid tensor degrees: 1" in message
     assert untouched
 
@@ -228,7 +215,7 @@ def _presharded_diff() -> float:
 
 
 def test_presharded_transformer_passes_validation(pools):
-    assert max(pools(4).run(_presharded_diff, timeout=1200)) <= ATOL
+    assert max(pools(4).run(_presharded_diff)) <= ATOL
 
 
 # ---- valid_configs ----------------------------------------------------------------------------

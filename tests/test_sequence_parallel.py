@@ -20,13 +20,10 @@ from ditmesh.parallel.mesh import ParallelMesh
 
 OUT_TOL = dict(atol=1e-4, rtol=0)
 GRAD_TOL = dict(atol=1e-4, rtol=1e-3)
-_MESHES: dict[str, ParallelMesh] = {}  # per rank process: building groups every test is slow
 
 
 def _mesh(config: ParallelConfig) -> ParallelMesh:
-    if str(config) not in _MESHES:
-        _MESHES[str(config)] = ParallelMesh.build(config)
-    return _MESHES[str(config)]
+    return ParallelMesh.build(config)  # per job: the pool destroys a job's groups when it ends
 
 
 def _tiny(family: str, num_heads: int, size: tuple[int, int], batch: int):
