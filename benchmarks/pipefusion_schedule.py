@@ -34,7 +34,7 @@ def _rank_schedule(steps: int, warmup: int) -> dict:
     from ditmesh.models.tiny import flux_transformer_inputs, tiny_flux_transformer
     from ditmesh.parallel.mesh import ParallelMesh
     from ditmesh.parallel.pipefusion import PipeFusionTransformer
-    from ditmesh.parallel.pipefusion_stages import FLUX_STAGE_PLAN
+    from ditmesh.models.flux import FLUX_STAGE_PLAN
 
     world = dist.get_world_size()
     config = ParallelConfig(pipefusion_degree=world, warmup_steps=warmup)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ditmesh.models import adapter_for
+from ditmesh import plans
 from ditmesh.parallel import tensor
 from ditmesh.models.flux import FLUX_DEV_CONFIG
 from ditmesh.models.sd3 import SD35_LARGE_CONFIG
@@ -42,8 +43,8 @@ def build_meta(class_name: str, config: dict) -> torch.nn.Module:
         return getattr(diffusers, class_name)(**config)
 
 
-def without_adaln(plan: tensor.TensorPlan) -> tensor.TensorPlan:
-    layers = tuple((pattern, style) for pattern, style in plan.layers if style != tensor.COLWISE_GATHER)
+def without_adaln(plan: plans.TensorPlan) -> plans.TensorPlan:
+    layers = tuple((pattern, style) for pattern, style in plan.layers if style != plans.COLWISE_GATHER)
     return dataclasses.replace(plan, layers=layers)
 
 

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "ParallelMesh": "ditmesh.parallel.mesh",
     "parallelize": "ditmesh.parallel.parallelize",
+    "valid_configs": "ditmesh.parallel.validate",
     "DistributedRunner": "ditmesh.runner.runner",
     "DistributedWorker": "ditmesh.runner.worker",
     "RemoteError": "ditmesh.runner.protocol",

@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 
 from ditmesh.config import ParallelConfig
+from ditmesh.runner.diffusion import DiffusionWorker
+from ditmesh.runner.protocol import RemoteError
+from ditmesh.runner.runner import DistributedRunner
 
 
 def run_configs(configs: list[ParallelConfig], setup: dict[str, Any], payload: dict[str, Any], *, repeats: int = 3,
@@ -42,10 +45,6 @@ def run_configs(configs: list[ParallelConfig], setup: dict[str, Any], payload: d
 
 
 async def _time_config(config, setup, payload, repeats, warmup, device_type) -> tuple[dict[str, Any], Any]:
-    from ditmesh.runner.diffusion import DiffusionWorker
-    from ditmesh.runner.protocol import RemoteError
-    from ditmesh.runner.runner import DistributedRunner
-
     row: dict[str, Any] = dict(config=str(config), processes=config.world_size)
     runner = DistributedRunner(DiffusionWorker, world_size=config.world_size, device_type=device_type,
                                setup_kwargs=dict(setup, parallel=str(config)))

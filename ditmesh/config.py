@@ -96,15 +96,6 @@ class ParallelConfig:
                 f"launch {self.world_size} processes or change the degrees so their product is {world_size}"
             )
 
-    @classmethod
-    def valid_for(cls, pipe: object, world_size: int, height: int | None = None, width: int | None = None,
-                  **kwargs: object) -> list[ParallelConfig]:
-        """Every config that runs `pipe` (a pipeline or its denoiser) on `world_size` processes;
-        see `ditmesh.parallel.validate.valid_configs` for the rules and options."""
-        from ditmesh.parallel.validate import valid_configs  # lazily: this module stays torch.distributed-free
-
-        return valid_configs(pipe, world_size, height, width, **kwargs)
-
     # ---- string form: "ulysses=4,cfg=2,warmup_steps=1" -------------------------------------
 
     @classmethod

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ditmesh.parallel.pipefusion import PatchContext, StaleKVProcessor, patch_rows, split_stages
-from ditmesh.parallel.pipefusion_stages import Grid, Patch
+from ditmesh.plans import Grid, Patch
 from ditmesh.testing import RankError
 
 SIZE = 128  # pixels: 16x16 latents, 8 token rows of 8 tokens (FLUX and SD3)

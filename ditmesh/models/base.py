@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ditmesh.plans import SequencePlan, StagePlan, TensorPlan
+
 _REGISTRY: dict[str, ModelAdapter] = {}
 
 
@@ -33,12 +35,12 @@ class ModelAdapter:
     "sequential" (two denoiser calls per step, FLUX true CFG)."""
     joint_text: str | None = None
     """Where text tokens sit in joint attention's sequence: "first" (FLUX), "last" (SD3), None."""
-    sequence_plan: Any = None
-    """Where image tokens are sharded and gathered (`ditmesh.parallel.sequence.SequencePlan`)."""
-    tensor_plan: Any = None
-    """Tensor-parallel plan (`ditmesh.parallel.tensor.TensorPlan`)."""
-    stage_plan: Any = None
-    """How blocks split into PipeFusion stages (`ditmesh.parallel.pipefusion.StagePlan`)."""
+    sequence_plan: SequencePlan | None = None
+    """Where tokens are sharded and gathered for sequence parallelism (None: not supported)."""
+    tensor_plan: TensorPlan | None = None
+    """Which linears tensor parallelism splits, and how (None: not supported)."""
+    stage_plan: StagePlan | None = None
+    """How blocks split into PipeFusion stages (None: not supported)."""
 
 
 def register(adapter: ModelAdapter) -> ModelAdapter:
@@ -49,9 +51,10 @@ def register(adapter: ModelAdapter) -> ModelAdapter:
 
 
 def adapter_for(obj: Any) -> ModelAdapter:
-    """The adapter of a diffusers pipeline or denoiser (looked up along the class's MRO)."""
-    import ditmesh.models  # noqa: F401 - registers the families
+    """The adapter of a diffusers pipeline or denoiser (looked up along the class's MRO).
 
+    The families are registered when `ditmesh.models` is imported, which any import of this
+    module does first (a package runs before its modules)."""
     for cls in type(obj).__mro__:
         if cls.__name__ in _REGISTRY:
             return _REGISTRY[cls.__name__]

@@ -1,10 +1,14 @@
 """Stable Diffusion 3 / 3.5: MM-DiT with joint blocks, 2-D sin-cos position embedding added in
 patch embedding, joint attention with text tokens last."""
 
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
 from ditmesh.models.base import ModelAdapter, register
-from ditmesh.parallel.pipefusion_stages import SD3_STAGE_PLAN
-from ditmesh.parallel.sequence import Gather, SequencePlan, Split
-from ditmesh.parallel.tensor import COLWISE, COLWISE_GATHER, ROWWISE, TensorPlan
+from ditmesh.plans import COLWISE, COLWISE_GATHER, ROWWISE, Gather, Grid, Patch, SequencePlan, Split, StagePlan, TensorPlan
 
 # SD3Transformer2DModel config of SD3.5-large (real sizes: benchmarks, meta-device memory counts).
 SD35_LARGE_CONFIG = dict(
@@ -12,6 +16,57 @@ SD35_LARGE_CONFIG = dict(
     num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
     pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm",
 )
+
+
+# ---- PipeFusion stages: the model's own embedders and head on one patch of rows -----------
+# Latents (B, C, H, W); tokens are patch_size x patch_size cells, row-major after `pos_embed`.
+
+
+def _sd3_grid(model: Any, latent: torch.Tensor, kwargs: dict) -> Grid:
+    p = model.config.patch_size
+    return Grid(rows=latent.shape[-2] // p, cols=latent.shape[-1] // p, unit=p)
+
+
+def _sd3_embed_image(model: Any, latent: torch.Tensor, kwargs: dict, patch: Patch) -> torch.Tensor:
+    # PatchEmbed would centre-crop the position table for the patch's own height; take the
+    # rows of the whole image's table instead (the conv is per token, so a patch is exact).
+    embed = model.pos_embed
+    tokens = embed.proj(latent).flatten(2).transpose(1, 2)  # (B, n, D)
+    p = model.config.patch_size
+    table = embed.cropped_pos_embed(patch.grid.rows * p, patch.grid.cols * p)  # (1, N, D)
+    return (tokens + table[:, patch.tokens]).to(tokens.dtype)
+
+
+def _sd3_embed_text(model: Any, kwargs: dict) -> torch.Tensor:
+    return model.context_embedder(kwargs["encoder_hidden_states"])
+
+
+def _sd3_block_kwargs(model: Any, kwargs: dict, patch: Patch) -> dict:
+    return dict(temb=model.time_text_embed(kwargs["timestep"], kwargs["pooled_projections"]))
+
+
+def _sd3_head(model: Any, hidden: torch.Tensor, block_kwargs: dict, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    hidden = model.proj_out(model.norm_out(hidden, block_kwargs["temb"]))
+    p, c = model.config.patch_size, model.out_channels
+    h, w = latent_shape[-2] // p, latent_shape[-1] // p
+    hidden = hidden.reshape(hidden.shape[0], h, w, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", hidden).reshape(hidden.shape[0], c, h * p, w * p)
+
+
+SD3_STAGE_PLAN = StagePlan(
+    blocks=("transformer_blocks",),
+    block_costs=(1.0,),
+    first_stage_modules=("pos_embed", "context_embedder"),
+    last_stage_modules=("norm_out", "proj_out"),
+    latent_row_dim=2,
+    timestep_divisor=1.0,
+    grid=_sd3_grid,
+    embed_image=_sd3_embed_image,
+    embed_text=_sd3_embed_text,
+    block_kwargs=_sd3_block_kwargs,
+    head=_sd3_head,
+)
+
 
 ADAPTER = register(
     ModelAdapter(

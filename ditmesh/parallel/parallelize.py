@@ -8,8 +8,10 @@ import torch
 import torch.distributed as dist
 
 from ditmesh.config import ParallelConfig
-from ditmesh.models.base import adapter_for  # not ditmesh.models: the family files import strategy plans (cycle)
+from ditmesh.models import adapter_for
+from ditmesh.parallel import cfg, data, fastpath, sequence, tensor, validate
 from ditmesh.parallel.mesh import ParallelMesh
+from ditmesh.parallel.pipefusion import apply_pipefusion
 
 
 def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = None, *, compile: bool | None = None) -> Any:
@@ -25,8 +27,6 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     `torch.compile` of the repeated blocks, collectives included. `compile` overrides the last
     (None: compile on CUDA only; the first forward then takes minutes).
     """
-    from ditmesh.parallel import fastpath
-
     if config.world_size == 1 and not dist.is_initialized():
         # One process: on CUDA the single-GPU fast path; on CPU the pipeline as it is.
         if _on_cuda(pipe):
@@ -44,8 +44,6 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     # 1. tensor: shard the denoiser's weights in place (innermost: `parallelize_module` needs the
     #    plain nn.Linear modules, before anything wraps or drops them; attention modules then see
     #    their local head count, which Ulysses in step 2 splits further).
-    from ditmesh.parallel import tensor
-
     # A pipeline holds the denoiser under `denoiser_attr`; a bare transformer is the denoiser.
     denoiser = getattr(pipe, adapter.denoiser_attr, pipe)
     tensor.apply(denoiser, mesh, adapter, config)
@@ -60,8 +58,6 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     #    on the denoiser itself: before step 3 replaces it (PipeFusion's stale-K/V processors wrap
     #    these, and its stage loop shards each patch with their context) and before step 4 wraps it
     #    (the cfg wrapper halves the batch, then the hooks split that half's tokens).
-    from ditmesh.parallel import sequence
-
     if config.sequence_degree > 1:
         sequence.apply(denoiser, mesh, adapter, config)
     # 2b. regional compile of the blocks as steps 1-2 left them (Ulysses all-to-alls and the ring's
@@ -71,13 +67,9 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     # 3. pipefusion: split the blocks into stages; takes over the denoising loop. Inside cfg: each
     #    guidance branch runs its own pipeline of stages, exchanging predictions per patch.
     if config.pipefusion_degree > 1:
-        from ditmesh.parallel.pipefusion import apply_pipefusion
-
         pipe = apply_pipefusion(pipe, mesh, adapter)
     # 4. cfg: each cfg rank computes one guidance branch; predictions are gathered every step.
     #    It wraps whatever denoiser steps 1-3 left (plain, sharded, sequence-parallel or a stage).
-    from ditmesh.parallel import cfg, data
-
     if config.cfg_degree > 1:
         pipe = cfg.apply(pipe, mesh, adapter, config)
     # 5. data: split the batch of prompts/images across data replicas; rank 0 collects the images.
@@ -93,8 +85,6 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
 def _validate(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None) -> None:
     if not dist.is_initialized():
         return  # ParallelMesh.build raises, saying how to initialise
-    from ditmesh.parallel import validate
-
     # The device the mesh is (or will be) on: ring attention's backend must run there.
     nccl = torch.cuda.is_available() and dist.get_backend() == "nccl"
     device_type = mesh.device.type if mesh is not None else ("cuda" if nccl else "cpu")

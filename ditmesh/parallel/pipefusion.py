@@ -38,7 +38,7 @@ from torch import nn
 
 from ditmesh.config import ParallelConfig
 from ditmesh.parallel.attention import RedirectSDPA
-from ditmesh.parallel.pipefusion_stages import Grid, Patch, StagePlan
+from ditmesh.plans import Grid, Patch, StagePlan
 from ditmesh.parallel.sequence import _HANDLE_ATTR as SEQUENCE_HANDLE
 
 __all__ = ["StagePlan", "PipeFusionTransformer", "apply_pipefusion", "split_stages", "patch_rows", "StaleKVProcessor"]

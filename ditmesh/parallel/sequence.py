@@ -16,7 +16,6 @@ Text tokens are not split: every rank runs the text stream on all of them.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,37 +23,9 @@ import torch.distributed as dist
 
 from ditmesh.parallel.attention import SequenceContext, SequenceParallelProcessor, resolve_backend
 from ditmesh.parallel.comm import gather_replicated, pad_dim
+from ditmesh.plans import Gather, SequencePlan, Split
 
 _HANDLE_ATTR = "_ditmesh_sequence_parallel"
-
-
-@dataclass(frozen=True)
-class Split:
-    """Shard image tokens at `module` ("" = the denoiser itself) along tensor dim `dim`: the
-    forward input named `input`, or the module's output when `input` is None."""
-
-    module: str
-    dim: int
-    input: str | None = None
-    ndim: int | None = None
-    """Expected number of dims of the tensor (checked, to catch deprecated layouts)."""
-
-
-@dataclass(frozen=True)
-class Gather:
-    """All-gather the output of `module` along `dim` and drop the padded tokens."""
-
-    module: str
-    dim: int
-
-
-@dataclass(frozen=True)
-class SequencePlan:
-    """Where a model's image tokens are sharded and gathered. Every split must see the same
-    number of tokens along its dim (e.g. FLUX's packed latents and their RoPE ids)."""
-
-    splits: tuple[Split, ...]
-    gathers: tuple[Gather, ...]
 
 
 class SequenceParallel:

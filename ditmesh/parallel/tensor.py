@@ -15,12 +15,11 @@ only this rank's slice of each tensor from a safetensors folder.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -29,71 +28,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-COLWISE = "colwise"
-"""Output features split over ranks; the output stays sharded (feeds attention or a rowwise layer)."""
-ROWWISE = "rowwise"
-"""Input features split over ranks; partial outputs are summed by one all-reduce. Bias replicated."""
-COLWISE_GATHER = "colwise_gather"
-"""Output features split over ranks, then all-gathered so every rank has the full output
-(for AdaLN modulation: a big weight applied to one vector per sample, whose output indexes the
-full hidden width)."""
-
-
-@dataclass(frozen=True)
-class PackedRowwise:
-    """Rowwise for a linear whose input is ``cat([a, b, ...], dim=-1)`` of colwise outputs.
-
-    Each rank holds [its columns of a, its columns of b, ...], so the weight's input columns are
-    split block by block: block i has the size of the output of sibling module ``parts[i]``
-    (a path relative to the linear's parent). FLUX's single-stream ``proj_out`` reads
-    ``cat([attn_out, mlp_out])``: ``PackedRowwise(("attn.to_q", "proj_mlp"))``.
-    The DTensor's global view of such a weight is in rank order ([a_0, b_0, a_1, b_1, ...]),
-    not the checkpoint's; use `local_slice` to compare with an unsharded weight.
-    """
-
-    parts: tuple[str, ...]
-
-
-Style = Union[str, PackedRowwise]
-
-
-@dataclass(frozen=True, kw_only=True)
-class TensorPlan:
-    """Which linears of a model family are sharded how; read by `apply` and `load_sharded`.
-
-    Patterns are dotted module names whose components are matched with fnmatch, one component
-    per ``*`` ("transformer_blocks.*.attn.to_q"); a pattern may match nothing (variants differ,
-    e.g. SD3.5-medium's ``attn2``). Modules no pattern names stay replicated.
-    """
-
-    layers: tuple[tuple[str, Style], ...]
-    """(module-name pattern, style): style is COLWISE, ROWWISE, COLWISE_GATHER or a PackedRowwise."""
-    attention: tuple[str, ...]
-    """Patterns of the attention modules whose ``heads`` attribute becomes the local head count."""
-
-    def resolve(self, model: nn.Module) -> dict[str, Style]:
-        """Module name -> style for every module of `model` the plan names."""
-        styles: dict[str, Style] = {}
-        for name, _ in model.named_modules():
-            for pattern, style in self.layers:
-                if _matches(pattern, name):
-                    styles[name] = style
-        return styles
-
-    def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
-        """Name -> module of every attention module of `model` the plan names."""
-        return {
-            name: module
-            for name, module in model.named_modules()
-            if any(_matches(pattern, name) for pattern in self.attention)
-        }
-
-
-def _matches(pattern: str, name: str) -> bool:
-    pattern_parts, name_parts = pattern.split("."), name.split(".")
-    return len(pattern_parts) == len(name_parts) and all(
-        fnmatch.fnmatchcase(part, want) for part, want in zip(name_parts, pattern_parts)
-    )
+from ditmesh.models import adapter_for
+from ditmesh.plans import COLWISE, COLWISE_GATHER, ROWWISE, PackedRowwise, Style, TensorPlan
 
 
 @dataclass(frozen=True)
@@ -338,9 +274,7 @@ def load_sharded(
     ``get_slice``), the rest are read whole; the full model never exists on a rank. Collective:
     call on every rank. Returns the model in eval mode on the mesh's device.
     """
-    import diffusers
-
-    from ditmesh.models.base import adapter_for
+    import diffusers  # on first use: importing diffusers takes seconds
 
     folder = Path(folder) / (subfolder or "")
     config = json.loads((folder / "config.json").read_text())

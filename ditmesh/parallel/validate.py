@@ -33,8 +33,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch.distributed.tensor import DTensor
+
 from ditmesh.config import AXES, ParallelConfig
-from ditmesh.models.base import ModelAdapter, adapter_for
+from ditmesh.models import ModelAdapter, adapter_for
+from ditmesh.parallel.attention import resolve_backend
+from ditmesh.parallel.data import check_size
+from ditmesh.parallel.pipefusion import composition_problems, patch_rows
+from ditmesh.parallel.tensor import check_degree
 
 
 def check(pipe: Any, config: ParallelConfig, world_size: int, device_type: str = "cpu") -> None:
@@ -57,8 +63,6 @@ def config_problems(pipe: Any, config: ParallelConfig, *, device_type: str = "cp
         return problems  # the rules below read the plans
     problems += _tensor_problems(config, adapter, denoiser)
     problems += _ring_problems(config, device_type)
-    from ditmesh.parallel.pipefusion import composition_problems
-
     problems += composition_problems(pipe, config, adapter)
     return problems
 
@@ -83,8 +87,6 @@ def valid_configs(
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     adapter = adapter_for(pipe)
-    from ditmesh.parallel.data import check_size
-
     check_size(adapter, height, width)
     configs = []
     for degrees in _factorisations(world_size, len(AXES)):
@@ -141,8 +143,6 @@ def _tensor_problems(config: ParallelConfig, adapter: ModelAdapter, denoiser: An
         # Sharded already (`tensor.load_sharded`): its attention modules count local heads, and
         # `tensor.apply` checks it was sharded over the same ranks.
         return []
-    from ditmesh.parallel.tensor import check_degree
-
     try:
         check_degree(denoiser, adapter.tensor_plan, config.tensor_degree)
     except ValueError as error:
@@ -151,16 +151,12 @@ def _tensor_problems(config: ParallelConfig, adapter: ModelAdapter, denoiser: An
 
 
 def _is_sharded(denoiser: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return any(isinstance(p, DTensor) for p in denoiser.parameters())
 
 
 def _ring_problems(config: ParallelConfig, device_type: str) -> list[str]:
     if config.ring_degree == 1:
         return []
-    from ditmesh.parallel.attention import resolve_backend
-
     try:
         resolve_backend(config.attention_backend, need_lse=True, device_type=device_type)
     except ValueError as error:
@@ -177,8 +173,6 @@ def _fits_image(config: ParallelConfig, adapter: ModelAdapter, height: int | Non
         return False  # each stage's ulysses ranks split a patch's token columns evenly
     if height is None:
         return True
-    from ditmesh.parallel.pipefusion import patch_rows
-
     try:
         patch_rows(height // adapter.size_multiple, config.num_patches, height)
     except ValueError:
