@@ -114,20 +114,23 @@ def per_rank_rows(image: int, world: int, gen) -> list[dict]:
 
     add(f"ring {world}, text repeated, step by step", text_repeated, ref_rep, f"{TEXT + block} queries")
 
+    # Text split over the ranks like the image: each ring block is a text share + an image block.
     share = -(-TEXT // world)
-    q = torch.cat([qt[:, :, :share], qi], 2)  # text split over the ring ranks
-    ref = reference.attention_lse(q.float(), all_k, all_v)[0]
-    k_buf, v_buf = ring.gather_buffers(kb[:, :, :block], vb[:, :, :block], (kt, vt), world)
+    joint = share + block
+    q = torch.cat([qt[:, :, :share], qi], 2)
+    kc, vc = rand(1, HEADS, world * joint, DIM, gen=gen), rand(1, HEADS, world * joint, DIM, gen=gen)
+    ref = reference.attention_lse(q.float(), kc.float(), vc.float())[0]
+    k_buf, v_buf = ring.gather_buffers(kc[:, :, :joint], vc[:, :, :joint], world)
     for j in range(1, world):  # fill the arrival slots as the hops would
-        k_buf[TEXT + j * block : TEXT + (j + 1) * block].copy_(kb[:, :, j * block : (j + 1) * block].permute(2, 0, 1, 3))
-        v_buf[TEXT + j * block : TEXT + (j + 1) * block].copy_(vb[:, :, j * block : (j + 1) * block].permute(2, 0, 1, 3))
-    valid = [block] * world
-    planned = ring.ring_group_sizes(q, kb[:, :, :block], TEXT, world)
+        k_buf[j * joint : (j + 1) * joint].copy_(kc[:, :, j * joint : (j + 1) * joint].permute(2, 0, 1, 3))
+        v_buf[j * joint : (j + 1) * joint].copy_(vc[:, :, j * joint : (j + 1) * joint].permute(2, 0, 1, 3))
+    valid = [joint] * world
+    planned = ring.ring_group_sizes(q, kc[:, :, :joint], world)
     schedules = {"step by step": [1] * world, f"runs {[1, world - 1]}": [1, world - 1], f"runs {[world]}": [world]}
     schedules.setdefault(f"runs {planned}", planned)
     for name, sizes in schedules.items():
         note = f"{q.shape[2]} queries" + (", plan_groups' choice (H200 costs)" if sizes == planned else "")
-        add(f"ring {world}, {name}", lambda sizes=sizes: ring.attend_runs(q, k_buf, v_buf, block, valid, sizes, attend, step), ref, note)
+        add(f"ring {world}, {name}", lambda sizes=sizes: ring.attend_runs(q, k_buf, v_buf, joint, valid, sizes, attend, step), ref, note)
     return rows
 
 
@@ -156,10 +159,9 @@ def nccl_worker(rank: int, world: int, image: int, port: int, queue) -> None:
     group = dist.group.WORLD
     gen = torch.Generator(device="cuda").manual_seed(rank)
     block, share = image // world, -(-TEXT // world)
-    kt, vt = rand(1, HEADS, TEXT, DIM, gen=gen), rand(1, HEADS, TEXT, DIM, gen=gen)
-    q = rand(1, HEADS, share + block, DIM, gen=gen)
-    k, v = rand(1, HEADS, block, DIM, gen=gen), rand(1, HEADS, block, DIM, gen=gen)
-    send = [rand(block, 1, HEADS, DIM, gen=gen) for _ in range(2)]
+    # Text split over the ranks like the image: each rank's block is a text share + an image block.
+    q, k, v = (rand(1, HEADS, share + block, DIM, gen=gen) for _ in range(3))
+    send = [rand(share + block, 1, HEADS, DIM, gen=gen) for _ in range(2)]
     recv = [torch.empty_like(t) for t in send]
     rows = {}
 
@@ -168,9 +170,9 @@ def nccl_worker(rank: int, world: int, image: int, port: int, queue) -> None:
         rows[name] = 1e3 * bench_ms(fn, samples=9, inner=20)
 
     timed("hop (K+V block, P2P)", lambda: ring_shift_wait(ring_pass_start(send, recv, group)))
-    planned = ring.ring_group_sizes(q, k, TEXT, world)
+    planned = ring.ring_group_sizes(q, k, world)
     for name, sizes in {"ring, step by step": [1] * world, f"ring, runs {planned}": planned, f"ring, runs [{world}]": [world]}.items():
-        timed(name, lambda sizes=sizes: ring.ring_attention(q, k, v, group, attend, extra_kv=(kt, vt), step=step, group_sizes=sizes))
+        timed(name, lambda sizes=sizes: ring.ring_attention(q, k, v, group, attend, step=step, group_sizes=sizes))
     xu = [rand(1, HEADS, (TEXT + image) // world, DIM, gen=gen) for _ in range(3)]
 
     def ulysses():

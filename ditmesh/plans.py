@@ -25,14 +25,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Split:
-    """Shard image tokens at `module` ("" = the denoiser itself) along tensor dim `dim`: the
-    forward input named `input`, or the module's output when `input` is None."""
+    """Shard tokens at `module` ("" = the denoiser itself) along tensor dim `dim`: the forward
+    input named `input`, or the module's output when `input` is None."""
 
     module: str
     dim: int
     input: str | None = None
     ndim: int | None = None
     """Expected number of dims of the tensor (checked, to catch deprecated layouts)."""
+    stream: str = "image"
+    """Which tokens: "image" or "text" (joint attention's text tokens, sharded the same way)."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,10 @@ class Gather:
 
 @dataclass(frozen=True)
 class SequencePlan:
-    """Where a model's image tokens are sharded and gathered. Every split must see the same
-    number of tokens along its dim (e.g. FLUX's packed latents and their RoPE ids)."""
+    """Where a model's tokens are sharded and where its (image) output is gathered. The splits
+    of one stream must see the same number of tokens along their dims (e.g. FLUX's packed
+    latents and their RoPE ids). Splitting the text too keeps any rank from repeating the text
+    stream's work, which would cap the speed-up."""
 
     splits: tuple[Split, ...]
     gathers: tuple[Gather, ...]

@@ -110,12 +110,11 @@ def test_ring_attention_skips_padded_keys(pools):
     assert all(pools(4).run(check_ring_attention, 5, [5, 5, 2, 0]))
 
 
-def check_grouped_ring_attention(num_keys_per_rank, valid_keys, group_sizes, num_text):
-    """The grouped (inference) schedule: blocks gathered in place, runs attended per launch, text
-    keys in the first run == full attention over text + all valid keys."""
+def check_grouped_ring_attention(num_keys_per_rank, valid_keys, group_sizes):
+    """The grouped (inference) schedule: blocks gathered in place, runs attended per launch ==
+    full attention over all valid keys."""
     group, rank, world = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
     q_all, k_all, v_all = _qkv(2, 3, num_keys_per_rank * world, 16, seed=3)
-    _, kt, vt = _qkv(2, 3, num_text, 16, seed=6)
     q, k, v = (t.chunk(world, dim=2)[rank] for t in (q_all, k_all, v_all))
     calls = []
 
@@ -124,38 +123,36 @@ def check_grouped_ring_attention(num_keys_per_rank, valid_keys, group_sizes, num
         return local_attention(q_, k_, v_, "math", return_lse=True)
 
     with torch.no_grad():
-        out, _ = ring_attention(q, k, v, group, attend, valid_keys=valid_keys, extra_kv=(kt, vt) if num_text else None,
-                                group_sizes=group_sizes)
+        out, _ = ring_attention(q, k, v, group, attend, valid_keys=valid_keys, group_sizes=group_sizes)
     valid = valid_keys or [num_keys_per_rank] * world
-    keep_k = torch.cat([kt] + [kb[:, :, : valid[r]] for r, kb in enumerate(k_all.chunk(world, 2))], 2)
-    keep_v = torch.cat([vt] + [vb[:, :, : valid[r]] for r, vb in enumerate(v_all.chunk(world, 2))], 2)
+    keep_k = torch.cat([kb[:, :, : valid[r]] for r, kb in enumerate(k_all.chunk(world, 2))], 2)
+    keep_v = torch.cat([vb[:, :, : valid[r]] for r, vb in enumerate(v_all.chunk(world, 2))], 2)
     torch.testing.assert_close(out, _full(q, keep_k, keep_v), **TOL)
     return calls
 
 
-@pytest.mark.parametrize("world,sizes,num_text", [(2, [2], 3), (2, [1, 1], 0), (4, [1, 3], 2), (4, [4], 0), (4, [2, 1, 1], 5)])
-def test_grouped_ring_attention_equals_full_attention(pools, world, sizes, num_text):
-    calls = pools(world).run(check_grouped_ring_attention, 6, None, sizes, num_text)
-    # One launch per run of blocks: the first run also holds the text keys.
-    assert calls[0] == [6 * sizes[0] + num_text] + [6 * size for size in sizes[1:]]
+@pytest.mark.parametrize("world,sizes", [(2, [2]), (2, [1, 1]), (4, [1, 3]), (4, [4]), (4, [2, 1, 1])])
+def test_grouped_ring_attention_equals_full_attention(pools, world, sizes):
+    calls = pools(world).run(check_grouped_ring_attention, 6, None, sizes)
+    assert calls[0] == [6 * size for size in sizes]  # one launch per run of blocks
 
 
 def test_grouped_ring_attention_splits_runs_at_padding(pools):
     # Ring rank 2's block is partly padded and rank 3's empty: a run never spans padding.
-    calls = pools(4).run(check_grouped_ring_attention, 5, [5, 5, 2, 0], [1, 3], 1)
+    calls = pools(4).run(check_grouped_ring_attention, 5, [5, 5, 2, 0], [1, 3])
     # Rank 0 receives blocks of ranks 0, 3, 2, 1 (valid 5, 0, 2, 5); rank 3 of 3, 2, 1, 0 (0, 2, 5, 5).
-    assert calls[0] == [1 + 5, 2, 5]
-    assert calls[3] == [1, 2, 5 + 5]
+    assert calls[0] == [5, 2, 5]
+    assert calls[3] == [2, 5 + 5]
 
 
 @pytest.mark.parametrize("valid", [[5, 5, 2, 0], [5, 0, 2, 5]])
 def test_one_run_is_an_all_gather_and_one_launch_over_valid_keys(pools, valid):
-    # Padding at the end (how sequence shards pad) or anywhere: text + every valid key, once.
-    calls = pools(4).run(check_grouped_ring_attention, 5, valid, [4], 1)
-    assert calls == [[1 + sum(valid)]] * 4
+    # Padding at the end (how sequence shards pad) or anywhere: every valid key, once.
+    calls = pools(4).run(check_grouped_ring_attention, 5, valid, [4])
+    assert calls == [[sum(valid)]] * 4
 
 
-def _simulated_finish(sizes, hop, launch, block, extra):
+def _simulated_finish(sizes, hop, launch, block):
     """Event simulation of `_grouped`'s stream: hop i+1 starts once the queued compute is done."""
     stream, arrived, end, runs = 0.0, 0.0, 0, iter(sizes)
     run_end = next(runs)
@@ -163,7 +160,7 @@ def _simulated_finish(sizes, hop, launch, block, extra):
     for i in range(sum(sizes)):
         next_arrival = stream + hop if i + 1 < sum(sizes) else None
         if i + 1 == run_end:
-            stream += launch + (i + 1 - start) * block + (extra if start == 0 else 0.0)
+            stream += launch + (i + 1 - start) * block
             start, run_end = i + 1, run_end + next(runs, 0)
         if next_arrival is not None:
             stream = max(stream, next_arrival)
@@ -182,10 +179,10 @@ def _compositions(n):
 @pytest.mark.parametrize("hop,launch,block", [(20, 6, 7), (5, 6, 7), (0, 6, 7), (30, 1, 1), (9, 3, 4)])
 def test_plan_groups_is_the_fastest_grouping(hop, launch, block):
     for n in range(1, 7):
-        plan = plan_groups(n, hop, launch, block, first_extra_s=block)
+        plan = plan_groups(n, hop, launch, block)
         assert sum(plan) == n
-        best = min(_simulated_finish(c, hop, launch, block, block) for c in _compositions(n))
-        assert _simulated_finish(plan, hop, launch, block, block) == pytest.approx(best)
+        best = min(_simulated_finish(c, hop, launch, block) for c in _compositions(n))
+        assert _simulated_finish(plan, hop, launch, block) == pytest.approx(best)
 
 
 def test_plan_groups_without_overlap_is_one_run():
@@ -201,33 +198,48 @@ def test_plan_groups_extremes():
     assert plan_groups(8, 100.0, 6.0, 7.0) == [7, 1]
 
 
-def check_sequence_attention(degrees, joint_text, num_heads, num_tokens, num_text, costs=None):
-    """`attention(ctx=...)` on [text, image shard] (or [image shard, text]) == full joint attention."""
+def _shard(x_BHSD, rank, size):
+    """(this rank's end-padded contiguous shard, its number of real tokens, its first token)."""
+    share = -(-x_BHSD.shape[2] // size)
+    padded = torch.nn.functional.pad(x_BHSD, (0, 0, 0, share * size - x_BHSD.shape[2]))
+    return padded.narrow(2, rank * share, share), max(0, min(share, x_BHSD.shape[2] - rank * share)), rank * share
+
+
+def check_sequence_attention(degrees, joint_text, num_heads, num_tokens, num_text, costs=None, text="sharded"):
+    """`attention(ctx=...)` on [text shard, image shard] (or [image shard, text shard]) == full
+    joint attention, for this rank's tokens. text="replicated": every rank holds the whole text
+    (PipeFusion's stages) and gets the whole text output."""
     if costs is not None:  # steer ring_group_sizes to another schedule on this rank
         ring.RING_COSTS["cpu"] = costs
     config = ParallelConfig(**degrees)
     mesh = _mesh(config)
     size, rank = mesh.size("sequence"), mesh.rank("sequence")
-    local_len = -(-num_tokens // size)
     qi, ki, vi = _qkv(2, num_heads, num_tokens, 8, seed=4)
     qt, kt, vt = _qkv(2, num_heads, num_text, 8, seed=5)
 
-    def joint(image, text):
-        return torch.cat([text, image] if joint_text == "first" else [image, text], dim=2)
+    def joint(image, text_):
+        return torch.cat([text_, image] if joint_text == "first" else [image, text_], dim=2)
 
     expected = _full(joint(qi, qt), joint(ki, kt), joint(vi, vt))
-    pad = local_len * size - num_tokens
-    shard = [torch.nn.functional.pad(t, (0, 0, 0, pad)).narrow(2, rank * local_len, local_len) for t in (qi, ki, vi)]
-    ctx = SequenceContext(mesh.group("sequence"), mesh.group("ulysses"), mesh.group("ring"), joint_text,
-                          num_tokens=num_tokens, local_len=local_len)
-    out = attention(joint(shard[0], qt), joint(shard[1], kt), joint(shard[2], vt), ctx=ctx)
     expected_image = expected[:, :, num_text:] if joint_text == "first" else expected[:, :, :num_tokens]
     expected_text = expected[:, :, :num_text] if joint_text == "first" else expected[:, :, num_tokens:]
-    out_text = out[:, :, :num_text] if joint_text == "first" else out[:, :, local_len:]
-    out_image = out[:, :, num_text:] if joint_text == "first" else out[:, :, :local_len]
-    valid = max(0, min(local_len, num_tokens - rank * local_len))
-    torch.testing.assert_close(out_text, expected_text, **TOL)
-    torch.testing.assert_close(out_image[:, :, :valid], expected_image[:, :, rank * local_len : rank * local_len + valid], **TOL)
+    qi, ki, vi = (_shard(x, rank, size)[0] for x in (qi, ki, vi))
+    if text == "sharded":
+        qt, kt, vt = (_shard(x, rank, size)[0] for x in (qt, kt, vt))
+    ctx = SequenceContext(mesh.group("sequence"), mesh.group("ulysses"), mesh.group("ring"), joint_text,
+                          num_tokens=num_tokens, local_len=qi.shape[2])
+    if text == "sharded":
+        ctx.num_text, ctx.text_len = num_text, qt.shape[2]
+    out = attention(joint(qi, qt), joint(ki, kt), joint(vi, vt), ctx=ctx)
+    out_text = out[:, :, : qt.shape[2]] if joint_text == "first" else out[:, :, qi.shape[2] :]
+    out_image = out[:, :, qt.shape[2] :] if joint_text == "first" else out[:, :, : qi.shape[2]]
+    _, valid, start = _shard(expected_image, rank, size)
+    torch.testing.assert_close(out_image[:, :, :valid], expected_image[:, :, start : start + valid], **TOL)
+    if text == "replicated":
+        torch.testing.assert_close(out_text, expected_text, **TOL)
+    else:
+        _, valid, start = _shard(expected_text, rank, size)
+        torch.testing.assert_close(out_text[:, :, :valid], expected_text[:, :, start : start + valid], **TOL)
     if costs is not None:
         ring.RING_COSTS["cpu"] = default_costs
     return True
@@ -245,8 +257,14 @@ SEQ_MODES = [
 @pytest.mark.parametrize("joint_text", ["first", "last"])
 @pytest.mark.parametrize("world,degrees", SEQ_MODES, ids=[str(ParallelConfig(**d)) for _, d in SEQ_MODES])
 def test_sequence_attention_equals_full_joint_attention(pools, world, degrees, joint_text):
-    # 3 heads (not a multiple of 2 or 4), 13 image tokens (not a multiple of 2 or 4), 4 text tokens.
-    assert all(pools(world).run(check_sequence_attention, degrees, joint_text, 3, 13, 4))
+    # 3 heads (not a multiple of 2 or 4), 13 image tokens and 7 text tokens (not multiples of 2 or 4).
+    assert all(pools(world).run(check_sequence_attention, degrees, joint_text, 3, 13, 7))
+
+
+@pytest.mark.parametrize("world,degrees", SEQ_MODES[::2], ids=["ulysses2", "ulysses4", "usp2x2"])
+def test_replicated_text_equals_full_joint_attention(pools, world, degrees):
+    # Text whole on every rank (as PipeFusion's stages carry it): each rank gets the whole text output.
+    assert all(pools(world).run(check_sequence_attention, degrees, "first", 3, 13, 5, text="replicated"))
 
 
 # Launch overheads dominate (grouped runs) / transfers dominate (one block per launch).
@@ -256,7 +274,7 @@ GROUPED, STEPPED = (1.0, 1e15, 1e15, 0.0, True), (0.0, 1e15, 1.0, 1.0, True)
 @pytest.mark.parametrize("costs", [GROUPED, STEPPED], ids=["grouped", "stepped"])
 @pytest.mark.parametrize("world,degrees", SEQ_MODES[1::2] + SEQ_MODES[4:], ids=["ring2", "ring4", "usp2x2"])
 def test_ring_schedules_equal_full_joint_attention(pools, world, degrees, costs):
-    # 5 text tokens: not a multiple of the ring degree (text queries are split over ring ranks).
+    # 5 text tokens: not a multiple of the ring degree (the last ring block holds text padding).
     assert all(pools(world).run(check_sequence_attention, degrees, "first", 3, 13, 5, costs))
 
 

@@ -129,15 +129,14 @@ def test_ring_attention_at_degree_1_matches_sdpa(world1, dtype, tol, fused):
     from ditmesh.parallel.ring import ring_attention
 
     gen = torch.Generator().manual_seed(0)
-    q, k, v, kt, vt = (torch.randn(1, 4, n, 64, generator=gen).to(world1, dtype) for n in (96, 96, 96, 8, 8))
+    q, k, v = (torch.randn(1, 4, 96, 64, generator=gen).to(world1, dtype) for _ in range(3))
     group = ParallelMesh.build(ParallelConfig()).group("ring")
     # "auto" with LSE: on CUDA the fastest exact kernel (cuDNN / Triton), the ring's GPU path;
     # the fused step (attention + LSE merge in one call) is what backend "auto" uses at ring > 1.
     step = (lambda q_, k_, v_, out, lse: kernels.attention_merge_lse(q_, k_, v_, out, lse, None)) if fused else None
     out, lse = ring_attention(q, k, v, group, lambda *qkv: local_attention(*qkv, "auto", return_lse=True),
-                              valid_keys=[80], extra_kv=(kt, vt), step=step)
-    expected = F.scaled_dot_product_attention(q.float(), torch.cat([kt, k[:, :, :80]], 2).float(),
-                                              torch.cat([vt, v[:, :, :80]], 2).float())
+                              valid_keys=[80], step=step)
+    expected = F.scaled_dot_product_attention(q.float(), k[:, :, :80].float(), v[:, :, :80].float())
     assert out.device.type == world1.type and lse.dtype == torch.float32
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
 

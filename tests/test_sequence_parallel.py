@@ -59,6 +59,10 @@ def check_forward(family, degrees, num_heads=4, size=(16, 16), batch=1, backend=
     config = ParallelConfig(**degrees, attention_backend=backend)
     mesh = _mesh(config)
     model, inputs = _tiny(family, num_heads, size, batch)
+    seen = []  # (text, image) tokens entering the first block on this rank
+    model.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((kwargs["encoder_hidden_states"].shape[1], kwargs["hidden_states"].shape[1])),
+        with_kwargs=True)
     with torch.no_grad():
         expected = model(**inputs)[0]
         handle = sequence.apply(model, mesh, adapter_for(model), config)
@@ -67,6 +71,9 @@ def check_forward(family, degrees, num_heads=4, size=(16, 16), batch=1, backend=
         restored = model(**inputs)[0]  # serial again: original processors, no hooks
     torch.testing.assert_close(out, expected, **OUT_TOL)
     torch.testing.assert_close(restored, expected, atol=0, rtol=0)
+    # Both streams are sharded: a rank holds ceil(n / degree) text and image tokens, no more.
+    (text, image), degree = seen[0], mesh.size("sequence")
+    assert seen[1] == (-(-text // degree), -(-image // degree)), (seen, degree)
     return (out - expected).abs().max().item()
 
 

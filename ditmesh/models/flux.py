@@ -87,10 +87,17 @@ ADAPTER = register(
         size_multiple=16,
         cfg_mode="sequential",
         joint_text="first",
-        # Packed image tokens and their RoPE ids are split together (RoPE stays consistent with
-        # the tokens); text stays whole on every rank; the final projection is gathered.
+        # Packed image tokens and their RoPE ids are split together, and so are the text tokens
+        # and theirs (the model concatenates the ids [text, image] as it does the tokens, so
+        # RoPE stays consistent with each rank's [text shard, image shard]); the final
+        # projection (image tokens only) is gathered.
         sequence_plan=SequencePlan(
-            splits=(Split("", dim=1, input="hidden_states", ndim=3), Split("", dim=0, input="img_ids", ndim=2)),
+            splits=(
+                Split("", dim=1, input="hidden_states", ndim=3),
+                Split("", dim=0, input="img_ids", ndim=2),
+                Split("", dim=1, input="encoder_hidden_states", ndim=3, stream="text"),
+                Split("", dim=0, input="txt_ids", ndim=2, stream="text"),
+            ),
             gathers=(Gather("proj_out", dim=1),),
         ),
         tensor_plan=TensorPlan(

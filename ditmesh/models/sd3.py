@@ -76,9 +76,13 @@ ADAPTER = register(
         size_multiple=16,
         cfg_mode="batched",
         joint_text="last",
-        # PatchEmbed adds a position embedding cropped to the input's height/width, so the
-        # tokens are split after it (its output); the final projection is gathered.
-        sequence_plan=SequencePlan(splits=(Split("pos_embed", dim=1),), gathers=(Gather("proj_out", dim=1),)),
+        # PatchEmbed adds a position embedding cropped to the input's height/width, so the image
+        # tokens are split after it (its output); the text tokens (CLIP + T5, 333 for SD3.5)
+        # before the context embedder, a per-token linear; the final projection is gathered.
+        sequence_plan=SequencePlan(
+            splits=(Split("pos_embed", dim=1), Split("", dim=1, input="encoder_hidden_states", ndim=3, stream="text")),
+            gathers=(Gather("proj_out", dim=1),),
+        ),
         tensor_plan=TensorPlan(
             layers=(
                 # Joint blocks: image (to_*) and text (add_*) streams, heads split colwise, joined

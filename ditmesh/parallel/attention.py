@@ -105,8 +105,10 @@ def local_attention(q_BHSD, k_BHSD, v_BHSD, backend: str = "auto", *, scale: flo
 class SequenceContext:
     """Live state shared by the split hooks and the attention processors of one wrapped model.
 
-    The groups are fixed at `apply`; `num_tokens` / `local_len` are set by the split hook at the
-    start of every forward (image tokens of the whole sequence, and per rank after padding).
+    The groups are fixed at `apply`; the token counts are set by the split hooks at the start of
+    every forward: image tokens of the whole sequence and per rank (after padding), and the same
+    for the text tokens when the model's plan shards them too. `text_len` None means the text is
+    whole on every rank (PipeFusion's stages carry it so); attention then shards it itself.
     """
 
     sequence_group: dist.ProcessGroup
@@ -116,6 +118,8 @@ class SequenceContext:
     backend: str = "auto"
     num_tokens: int | None = None
     local_len: int | None = None
+    num_text: int | None = None
+    text_len: int | None = None
 
     @property
     def ulysses_size(self) -> int:
@@ -130,59 +134,89 @@ def attention(q_BHSD, k_BHSD, v_BHSD, *, ctx: SequenceContext | None = None, sca
     """Attention of a possibly sharded sequence: the entry point every strategy calls.
 
     Without `ctx` (or before a forward set it up) this is `local_attention`. With it, the query
-    sequence is [text, local image shard] (joint_text "first"), [local image shard, text]
+    sequence is [text shard, image shard] (joint_text "first"), [image shard, text shard]
     ("last") or the image shard alone, and the result equals attention over the whole sequence
-    (for this rank's queries). `backend` is the local kernel without `ctx`; with it, `ctx.backend`.
+    (for this rank's queries). Where the text is whole on every rank (`ctx.text_len` None) each
+    rank attends for its share of the text queries and the text output is all-gathered.
+    `backend` is the local kernel without `ctx`; with it, `ctx.backend`.
     """
     if ctx is None or ctx.num_tokens is None:
         return local_attention(q_BHSD, k_BHSD, v_BHSD, backend, scale=scale)
     num_text = q_BHSD.shape[2] - ctx.local_len
     assert num_text >= 0 and k_BHSD.shape[2] == q_BHSD.shape[2], (q_BHSD.shape, k_BHSD.shape, ctx.local_len)
     (qi, qt), (ki, kt), (vi, vt) = (_split_joint(x, num_text, ctx.joint_text) for x in (q_BHSD, k_BHSD, v_BHSD))
-    num_heads = q_BHSD.shape[1]
-    if ctx.ulysses_size > 1:
-        # Image: token shard -> head shard over the ulysses group's tokens. Text is replicated:
-        # slice this rank's heads locally.
-        # One all-to-all for q, k and v together (stacked on the batch dim, which it leaves alone).
-        qi, ki, vi = ulysses.heads_to_sequence(torch.cat([qi, ki, vi]), ctx.ulysses_group).chunk(3)
-        qt, kt, vt = (ulysses.local_heads(x, ctx.ulysses_group) for x in (qt, kt, vt))
-    out_i, out_t = _attend_shards(qi, ki, vi, qt, kt, vt, ctx, scale)
-    if ctx.ulysses_size > 1:
-        out_i = ulysses.sequence_to_heads(out_i, ctx.ulysses_group, num_heads)
-        out_t = ulysses.gather_heads(out_t, ctx.ulysses_group, num_heads) if num_text else out_t[:, :num_heads]
+    if num_text and ctx.text_len is None:
+        out_i, out_t = _replicated_text_attention(qi, ki, vi, qt, kt, vt, ctx, scale)
+    else:
+        assert num_text in (0, ctx.text_len), (num_text, ctx.text_len)
+        out_i, out_t = _sharded_attention(qi, ki, vi, qt, kt, vt, ctx, scale, ctx.num_text if num_text else 0)
     return _join_joint(out_i, out_t, ctx.joint_text)
 
 
-def _attend_shards(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale):
-    """Queries [text, image block of this ring rank] over all image keys (+ the text keys).
+def _replicated_text_attention(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale):
+    """Text whole on every rank: attend for this rank's share of it, then all-gather the text
+    output (small) so every rank holds it whole again."""
+    num_text = qt.shape[2]
+    qt, kt, vt = (_local_tokens(x, ctx.sequence_group) for x in (qt, kt, vt))
+    out_i, out_t = _sharded_attention(qi, ki, vi, qt, kt, vt, ctx, scale, num_text)
+    return out_i, all_gather(out_t, dim=2, group=ctx.sequence_group)[:, :, :num_text]
 
-    Ring: the text queries are split over the ring ranks too (every rank holds all text keys),
-    so no rank repeats another's work; the text output is all-gathered back (small)."""
-    num_text, block = qt.shape[2], ki.shape[2]  # block = ulysses_size * local_len image tokens
-    # Padding sits at the end of the image sequence: block r holds tokens [r*block, (r+1)*block).
-    valid = [min(max(ctx.num_tokens - r * block, 0), block) for r in range(ctx.ring_size)]
+
+def _sharded_attention(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale, num_text: int):
+    """This rank's image and text shards (sequence rank s holds tokens [s*len, (s+1)*len) of each,
+    the last ones end-padded) -> their outputs, equal to attention over the whole sequence.
+
+    Ulysses turns the token shards into head shards over the ulysses group's tokens (q, k and v
+    of both streams in one all-to-all, stacked on the batch dim, which it leaves alone); ring
+    attention then runs over the ring ranks' blocks of those."""
+    num_heads = qi.shape[1]
+    if ctx.ulysses_size > 1:
+        image, text = ulysses.heads_to_sequence([torch.cat([qi, ki, vi]), torch.cat([qt, kt, vt])], ctx.ulysses_group)
+        (qi, ki, vi), (qt, kt, vt) = image.chunk(3), text.chunk(3)
+    out_i, out_t = _attend_block(qi, ki, vi, qt, kt, vt, ctx, scale, num_text)
+    if ctx.ulysses_size > 1:
+        out_i, out_t = ulysses.sequence_to_heads([out_i, out_t], ctx.ulysses_group, num_heads)
+    return out_i, out_t
+
+
+def _attend_block(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale, num_text: int):
+    """Queries of this ring rank's block ([text, image] tokens of its ulysses group) over the
+    keys of every ring rank's block, padding excluded."""
+    text_block, image_block = qt.shape[2], qi.shape[2]
+    # Padding sits at the end of each stream: ring block r holds tokens [r*block, (r+1)*block).
+    valid_t = [min(max(num_text - r * text_block, 0), text_block) for r in range(ctx.ring_size)]
+    valid_i = [min(max(ctx.num_tokens - r * image_block, 0), image_block) for r in range(ctx.ring_size)]
+    rank = dist.get_rank(ctx.ring_group)
+    q = torch.cat([qt, qi], dim=2)
+    # Keys: this block's real tokens first, its padding last (key order does not matter).
+    k, v = (_valid_first(text, image, valid_t[rank], valid_i[rank]) for text, image in ((kt, ki), (vt, vi)))
     if ctx.ring_size == 1:
-        q = torch.cat([qt, qi], dim=2)
-        k = torch.cat([kt, ki[:, :, : valid[0]]], dim=2)
-        v = torch.cat([vt, vi[:, :, : valid[0]]], dim=2)
-        out = local_attention(q, k, v, ctx.backend, scale=scale)
-        return out[:, :, num_text:], out[:, :, :num_text]
+        num_valid = valid_t[0] + valid_i[0]
+        out = local_attention(q, k[:, :, :num_valid], v[:, :, :num_valid], ctx.backend, scale=scale)
+    else:
+        out = _ring(q, k, v, [t + i for t, i in zip(valid_t, valid_i)], ctx, scale)
+    return out[:, :, text_block:], out[:, :, :text_block]
 
+
+def _valid_first(text_BHSD, image_BHSD, num_text: int, num_image: int) -> torch.Tensor:
+    """[text, image] with the real tokens of both first and the padding of both last."""
+    if num_text == text_BHSD.shape[2]:  # no text padding: [text, image] already is
+        return torch.cat([text_BHSD, image_BHSD], dim=2)
+    parts = (text_BHSD[:, :, :num_text], image_BHSD[:, :, :num_image], text_BHSD[:, :, num_text:], image_BHSD[:, :, num_image:])
+    return torch.cat(parts, dim=2)
+
+
+def _ring(q, k, v, valid: list[int], ctx: SequenceContext, scale):
     def attend(q_, k_, v_):
         return local_attention(q_, k_, v_, ctx.backend, scale=scale, return_lse=True)
 
     def step(q_, k_, v_, prev_out, prev_lse):
         return kernels.attention_merge_lse(q_, k_, v_, prev_out, prev_lse, scale)
 
-    qt_local = _local_tokens(qt, ctx.ring_group)
-    q = torch.cat([qt_local, qi], dim=2)
-    extra = (kt, vt) if num_text else None
     fused = step if ctx.backend == "auto" else None  # other backends: attend, then merge
-    sizes = ring_group_sizes(q, ki, num_text, ctx.ring_size)
-    out, _ = ring_attention(q, ki, vi, ctx.ring_group, attend, valid_keys=valid, extra_kv=extra, step=fused, group_sizes=sizes)
-    num_local = qt_local.shape[2]
-    out_t = all_gather(out[:, :, :num_local], dim=2, group=ctx.ring_group)[:, :, :num_text] if num_text else out[:, :, :0]
-    return out[:, :, num_local:], out_t
+    sizes = ring_group_sizes(q, k, ctx.ring_size)
+    out, _ = ring_attention(q, k, v, ctx.ring_group, attend, valid_keys=valid, step=fused, group_sizes=sizes)
+    return out
 
 
 def _local_tokens(x_BHSD: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

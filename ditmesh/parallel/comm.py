@@ -27,11 +27,19 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: dist.P
     world = dist.get_world_size(group)
     if world == 1:
         return x
-    # (..., W*c, ...) -> (W, ...) so one all_to_all_single exchanges the chunks along dim 0.
-    chunks = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()
-    received = fc.all_to_all_single_autograd(chunks, None, None, group)
-    received = fc.wait_tensor(received) if isinstance(received, fc.AsyncCollectiveTensor) else received
+    # (..., W*c, ...) -> (W, ...) so one exchange swaps the chunks along dim 0.
+    received = exchange_chunks(torch.stack(x.chunk(world, dim=scatter_dim)), group)
     return torch.cat(received.unbind(0), dim=gather_dim)
+
+
+def exchange_chunks(x_W: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Send ``x_W[i]`` to group rank i; return what arrives, ``out[i]`` from rank i (same shape).
+
+    The all-to-all at its plainest: callers lay out the chunks (and read them back) themselves,
+    so a layout change costs no extra copy. Differentiable (backward is the same exchange)."""
+    if dist.get_world_size(group) == 1:
+        return x_W
+    return _wait(fc.all_to_all_single_autograd(x_W.contiguous(), None, None, group))
 
 
 def all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -144,6 +152,7 @@ def pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 
 __all__ = [
     "all_to_all",
+    "exchange_chunks",
     "all_gather",
     "gather_replicated",
     "ring_shift_start",

@@ -44,15 +44,13 @@ def ring_attention(
     attend: LseAttention,
     *,
     valid_keys: Sequence[int] | None = None,
-    extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     step: LseStep | None = None,
     group_sizes: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of this rank's queries over the K/V blocks of every rank of the ring `group`.
 
     Every rank's k/v must have the same shape (pad them). `valid_keys[r]` is how many leading
-    keys of ring rank r's block are real (the rest is padding and is ignored); None = all.
-    `extra_kv` is one more local block (e.g. replicated text tokens) attended once. `step`, if
+    keys of ring rank r's block are real (the rest is padding and is ignored); None = all. `step`, if
     given, attends a block and merges it into the running result in one call (e.g.
     `ditmesh.kernels.attention_merge_lse`, which fuses the merge into the kernel on GPUs).
     `group_sizes` (summing to the ring size, the same on every rank) attends runs of that many
@@ -60,22 +58,21 @@ def ring_attention(
     step-by-step schedule runs. Returns (out (B,H,Sq,D), lse (B,H,Sq) fp32).
     """
     world = dist.get_world_size(group)
-    tensors = (q_BHSD, k_BHSD, v_BHSD, *(extra_kv or ()))
-    records_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    records_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHSD, k_BHSD, v_BHSD))
     if torch.compiler.is_compiling():
         group_sizes = [world]  # P2P hops cannot be traced into a graph; the all-gather can
     elif group_sizes is None or records_grad:
-        return _step_by_step(q_BHSD, k_BHSD, v_BHSD, group, attend, valid_keys, extra_kv, step)
+        return _step_by_step(q_BHSD, k_BHSD, v_BHSD, group, attend, valid_keys, step)
     if sum(group_sizes) != world or min(group_sizes) < 1:
         raise ValueError(f"group_sizes {list(group_sizes)} must be positive and sum to the ring size {world}")
     if len(group_sizes) == 1:
-        return _gathered(q_BHSD, k_BHSD, v_BHSD, group, attend, valid_keys, extra_kv)
-    return _grouped(q_BHSD, k_BHSD, v_BHSD, group, attend, valid_keys, extra_kv, step, group_sizes)
+        return _gathered(q_BHSD, k_BHSD, v_BHSD, group, attend, valid_keys)
+    return _grouped(q_BHSD, k_BHSD, v_BHSD, group, attend, valid_keys, step, group_sizes)
 
 
-def _step_by_step(q, k, v, group, attend, valid_keys, extra_kv, step):
+def _step_by_step(q, k, v, group, attend, valid_keys, step):
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    acc = _attend_block(None, q, *extra_kv, attend, step) if extra_kv is not None else None
+    acc = None
     kv = torch.stack([k, v])  # one transfer per step for K and V together
     for i in range(world):
         # Post the next block's transfer before computing this one (overlap). Each rank does
@@ -91,10 +88,10 @@ def _step_by_step(q, k, v, group, attend, valid_keys, extra_kv, step):
     return acc
 
 
-def _gathered(q, k, v, group, attend, valid_keys, extra_kv):
+def _gathered(q, k, v, group, attend, valid_keys):
     """One run over every block: the hops of that run are an all-gather of K and V, so one
     collective (which NCCL pipelines over its own ring) replaces R - 1 dependent hops, then one
-    launch attends text + all valid keys (key order does not matter to attention)."""
+    launch attends all valid keys (key order does not matter to attention)."""
     world, block = dist.get_world_size(group), k.shape[2]
     # (block, 2, B, H, D) sequence-major, so the gather concatenates blocks without a reshuffle.
     kv = all_gather(torch.stack([k, v]).permute(3, 0, 1, 2, 4), dim=0, group=group)
@@ -105,21 +102,19 @@ def _gathered(q, k, v, group, attend, valid_keys, extra_kv):
     else:
         kv = torch.cat([kv[r * block : r * block + n] for r, n in enumerate(valid)])
     keys, values = kv.permute(1, 2, 3, 0, 4).unbind(0)  # (B, H, S, D) views
-    if extra_kv is not None:
-        keys, values = torch.cat([extra_kv[0], keys], dim=2), torch.cat([extra_kv[1], values], dim=2)
     return attend(q, keys, values)
 
 
-def _grouped(q, k, v, group, attend, valid_keys, extra_kv, step, group_sizes):
+def _grouped(q, k, v, group, attend, valid_keys, step, group_sizes):
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    k_buf, v_buf = gather_buffers(k, v, extra_kv, world)
-    num_text, block = k_buf.shape[0] - world * k.shape[2], k.shape[2]
+    k_buf, v_buf = gather_buffers(k, v, world)
+    block = k.shape[2]
 
     def hop(i):
         # Forwards the block that arrived at hop i (already waited for) and receives the next.
         # Every rank posts the same hops in the same order, so they pair up.
         def slot(buf, j):
-            return buf[num_text + j * block : num_text + (j + 1) * block]
+            return buf[j * block : (j + 1) * block]
 
         return ring_pass_start([slot(k_buf, i), slot(v_buf, i)], [slot(k_buf, i + 1), slot(v_buf, i + 1)], group)
 
@@ -127,21 +122,18 @@ def _grouped(q, k, v, group, attend, valid_keys, extra_kv, step, group_sizes):
     return attend_runs(q, k_buf, v_buf, block, valid, group_sizes, attend, step, hop)
 
 
-def gather_buffers(k_BHSD, v_BHSD, extra_kv, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence-major K and V buffers (text + world * block, B, H, D) for the grouped schedule.
+def gather_buffers(k_BHSD, v_BHSD, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence-major K and V buffers (world * block, B, H, D) for the grouped schedule.
 
-    Text (the `extra_kv` keys) first, then the ring blocks in arrival order: position i holds
-    ring rank (rank - i)'s block; this rank's own is copied in at position 0. Each block, and
-    each run of consecutive blocks, is one contiguous piece: receives land in place (no copies)
-    and a run is one strided (B, H, n, D) view for a single attention launch."""
+    The ring blocks in arrival order: position i holds ring rank (rank - i)'s block; this rank's
+    own is copied in at position 0. Each block, and each run of consecutive blocks, is one
+    contiguous piece: receives land in place (no copies) and a run is one strided (B, H, n, D)
+    view for a single attention launch."""
     batch, heads, block, dim = k_BHSD.shape
-    num_text = extra_kv[0].shape[2] if extra_kv is not None else 0
     bufs = []
-    for local, text in zip((k_BHSD, v_BHSD), extra_kv or (None, None)):
-        buf = local.new_empty(num_text + world * block, batch, heads, dim)
-        if num_text:
-            buf[:num_text].copy_(text.permute(2, 0, 1, 3))
-        buf[num_text : num_text + block].copy_(local.permute(2, 0, 1, 3))
+    for local in (k_BHSD, v_BHSD):
+        buf = local.new_empty(world * block, batch, heads, dim)
+        buf[:block].copy_(local.permute(2, 0, 1, 3))
         bufs.append(buf)
     return bufs[0], bufs[1]
 
@@ -153,18 +145,17 @@ def attend_runs(q_BHSD, k_buf, v_buf, block: int, valid: Sequence[int], group_si
     that brings block i+1 and returns its works (waited before block i+1 is used); without it
     the buffers are taken as already full (a one-GPU measurement of the compute alone)."""
     world = len(valid)
-    num_text = k_buf.shape[0] - world * block
     ends = set(itertools.accumulate(group_sizes))
-    acc, start = None, 0  # start: key position where the current run begins (text included)
+    acc, start = None, 0  # start: key position where the current run begins
     for i in range(world):
         works = hop(i) if hop is not None and i + 1 < world else []
         # A run must be contiguous real keys: a padded block closes it.
         if i + 1 in ends or valid[i] < block:
-            stop = num_text + i * block + valid[i]
+            stop = i * block + valid[i]
             if stop > start:
                 keys = (k_buf[start:stop].permute(1, 2, 0, 3), v_buf[start:stop].permute(1, 2, 0, 3))
                 acc = _attend_block(acc, q_BHSD, *keys, attend, step)
-            start = num_text + (i + 1) * block
+            start = (i + 1) * block
         ring_shift_wait(works)
     assert acc is not None, "ring attention saw no keys at all"
     return acc
@@ -178,13 +169,11 @@ def _attend_block(acc, q, k, v, attend: LseAttention, step: LseStep | None):
     return merge_lse(acc[0], acc[1], *attend(q, k, v))
 
 
-def plan_groups(num_blocks: int, hop_s: float, launch_s: float, block_s: float, first_extra_s: float = 0.0,
-                overlap: bool = True) -> list[int]:
+def plan_groups(num_blocks: int, hop_s: float, launch_s: float, block_s: float, overlap: bool = True) -> list[int]:
     """Grouping of `num_blocks` ring blocks into attention launches that finishes soonest.
 
-    Cost model of `_grouped` on one stream: a launch over g blocks takes `launch_s + g * block_s`
-    (plus `first_extra_s`, e.g. the text keys, for the run holding the local block); a hop takes
-    `hop_s` and, as NCCL orders it after the compute already queued, overlaps only the launch
+    Cost model of `_grouped` on one stream: a launch over g blocks takes `launch_s + g * block_s`;
+    a hop takes `hop_s` and, as NCCL orders it after the compute already queued, overlaps only the launch
     queued right after it. So a run of g blocks that is not the last costs
     `(g - 1) * hop_s + max(launch, hop_s)` and the last one `(g - 1) * hop_s + launch`: runs stay
     single blocks while transfers dominate and grow while launch overheads do. With
@@ -194,18 +183,18 @@ def plan_groups(num_blocks: int, hop_s: float, launch_s: float, block_s: float, 
     """
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-    return list(_plan(num_blocks, hop_s, launch_s, block_s, first_extra_s, overlap))
+    return list(_plan(num_blocks, hop_s, launch_s, block_s, overlap))
 
 
 @functools.lru_cache(maxsize=256)  # asked per attention layer, always for the same few shapes
-def _plan(num_blocks, hop_s, launch_s, block_s, first_extra_s, overlap) -> tuple[int, ...]:
+def _plan(num_blocks, hop_s, launch_s, block_s, overlap) -> tuple[int, ...]:
     # best[j]: (time, launches, sizes) to finish blocks [0, j).
     best: list[tuple[float, int, list[int]]] = [(0.0, 0, [])]
     for j in range(1, num_blocks + 1):
         options = []
         for i in range(j):
             size = j - i
-            launch = launch_s + size * block_s + (first_extra_s if i == 0 else 0.0)
+            launch = launch_s + size * block_s
             if overlap:
                 run = (size - 1) * hop_s + (launch if j == num_blocks else max(launch, hop_s))
             else:
@@ -230,11 +219,11 @@ RING_COSTS: dict[str, tuple[float, float, float, float, bool]] = {
 }
 
 
-def ring_group_sizes(q_BHSD: torch.Tensor, k_block: torch.Tensor, num_text: int, world: int) -> list[int]:
+def ring_group_sizes(q_BHSD: torch.Tensor, k_block: torch.Tensor, world: int) -> list[int]:
     """`plan_groups` for these shapes with `RING_COSTS` of their device (same on every rank)."""
     launch_s, flops, bandwidth, latency, overlap = RING_COSTS.get(q_BHSD.device.type, RING_COSTS["cpu"])
     batch, heads, num_q, dim = q_BHSD.shape
     block = k_block.shape[2]
     block_s = 4 * batch * heads * num_q * block * dim / flops
     hop_s = latency + 2 * k_block.numel() * k_block.element_size() / bandwidth
-    return plan_groups(world, hop_s, launch_s, block_s, first_extra_s=block_s * num_text / max(block, 1), overlap=overlap)
+    return plan_groups(world, hop_s, launch_s, block_s, overlap=overlap)

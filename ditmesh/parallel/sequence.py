@@ -1,16 +1,19 @@
 """Sequence parallelism (Ulysses, ring, and both: USP) for a transformer, applied from its plan.
 
-A model's `SequencePlan` (data on its adapter, like diffusers' `_cp_plan`) says where image tokens
-are split into per-rank shards and where the output is gathered back. `apply` installs:
+A model's `SequencePlan` (data on its adapter, like diffusers' `_cp_plan`) says where its image
+and text tokens are split into per-rank shards and where the output is gathered back. `apply`
+installs:
 
-1. split hooks: contiguous shards of the image tokens in the order of the "sequence" mesh axis
-   (ring-major, ulysses-minor), zero-padded at the end to a multiple of the sequence degree;
+1. split hooks: contiguous shards of each stream's tokens (image; text) in the order of the
+   "sequence" mesh axis (ring-major, ulysses-minor), zero-padded at the end to a multiple of the
+   sequence degree;
 2. `SequenceParallelProcessor`s around the model's own attention processors (attention.py does
-   the Ulysses all-to-all / ring exchange and the joint text handling);
+   the Ulysses all-to-all / ring exchange of the joint [text, image] sequence);
 3. gather hooks: the output is all-gathered and the padding dropped, so every rank returns the
    full output.
 
-Text tokens are not split: every rank runs the text stream on all of them.
+Every rank then runs 1/N of the image stream and 1/N of the text stream of every block: no
+token's work is repeated on two ranks.
 """
 
 from __future__ import annotations
@@ -80,7 +83,12 @@ def _wrap_processors(model: torch.nn.Module, ctx: SequenceContext) -> dict[str, 
 
 
 def _begin_forward(ctx: SequenceContext) -> None:
-    ctx.num_tokens = ctx.local_len = None  # the first split of this forward sets them
+    # The first split of each stream in this forward sets its counts.
+    ctx.num_tokens = ctx.local_len = ctx.num_text = ctx.text_len = None
+
+
+# Split.stream -> the context's (tokens in the whole sequence, tokens per rank) attributes.
+_COUNTS = {"image": ("num_tokens", "local_len"), "text": ("num_text", "text_len")}
 
 
 def _shard(x: torch.Tensor, split: Split, ctx: SequenceContext) -> torch.Tensor:
@@ -88,13 +96,18 @@ def _shard(x: torch.Tensor, split: Split, ctx: SequenceContext) -> torch.Tensor:
     if split.ndim is not None and x.ndim != split.ndim:
         raise ValueError(f"{split.input or split.module} must have {split.ndim} dims for sequence parallelism, got shape {tuple(x.shape)}")
     rank, size = dist.get_rank(ctx.sequence_group), dist.get_world_size(ctx.sequence_group)
+    total_attr, local_attr = _COUNTS[split.stream]
     num_tokens = x.shape[split.dim]
-    if ctx.num_tokens is None:
-        ctx.num_tokens, ctx.local_len = num_tokens, -(-num_tokens // size)
-    elif num_tokens != ctx.num_tokens:
-        raise ValueError(f"{split.input or split.module} has {num_tokens} tokens but the image has {ctx.num_tokens}; they must match")
-    x = pad_dim(x, split.dim, ctx.local_len * size)
-    return x.narrow(split.dim, rank * ctx.local_len, ctx.local_len)
+    if getattr(ctx, total_attr) is None:
+        setattr(ctx, total_attr, num_tokens)
+        setattr(ctx, local_attr, -(-num_tokens // size))
+    elif num_tokens != getattr(ctx, total_attr):
+        raise ValueError(
+            f"{split.input or split.module} has {num_tokens} tokens but the {split.stream} has "
+            f"{getattr(ctx, total_attr)}; they must match"
+        )
+    local_len = getattr(ctx, local_attr)
+    return pad_dim(x, split.dim, local_len * size).narrow(split.dim, rank * local_len, local_len)
 
 
 def _install_splits(model: torch.nn.Module, splits: tuple[Split, ...], ctx: SequenceContext) -> list:
@@ -143,8 +156,8 @@ def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
 def reduce_sequence_grads(model: torch.nn.Module, mesh: Any) -> None:
     """Sum parameter gradients over the sequence group after backward.
 
-    Each sequence rank's gradients are partial (its image shard's share, plus a share of the
-    replicated text stream); their sum is the serial model's gradient. Call this (or reduce over
+    Each sequence rank's gradients are partial (its image and text shards' share); their sum is
+    the serial model's gradient. Call this (or reduce over
     the sequence axis yourself) before the optimizer step. Collective over the sequence group."""
     group = mesh.group("sequence")
     for param in model.parameters():
