@@ -176,11 +176,13 @@ def test_dead_rank_raises_worker_died_promptly_and_restart_recovers(loop, runner
     runner = runners(2)
     before = loop.run_until_complete(runner.invoke({"x": 1.0}))["pid"]
     pids = runner.pids
+    assert runner.alive == [True, True]
     start = time.perf_counter()
     with pytest.raises(WorkerDied) as info:
         loop.run_until_complete(runner.invoke({"die_rank": 1}))
     elapsed = time.perf_counter() - start
     assert info.value.rank == 1 and info.value.exitcode == 3
+    assert runner.alive[1] is False  # a health check sees the dead rank
     assert elapsed < 30.0, f"death noticed after {elapsed:.2f} s"  # sentinel-driven: ms; without it, never
     assert runner.needs_restart
     loop.run_until_complete(asyncio.sleep(0))  # let the kill of rank 0 be reaped
@@ -191,6 +193,7 @@ def test_dead_rank_raises_worker_died_promptly_and_restart_recovers(loop, runner
     assert not set(pids) & child_pids(), "old ranks left as zombies or orphans"
     result = loop.run_until_complete(runner.invoke({"x": 1.0}))
     assert result["sum"] == expected_sum(2, 1.0) and result["pid"] != before and result["calls"] == 1
+    assert runner.alive == [True, True]
 
 
 def test_rank_raising_before_a_collective_fails_the_call_and_restart_recovers(loop, runners):

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ditmesh.config import ParallelConfig
+from ditmesh.models import adapter_for
 from ditmesh.models.loading import load_pipeline
 from ditmesh.models.tiny import TINY_PIPELINES, TINY_SIZE
 from ditmesh.parallel.parallelize import parallelize
@@ -41,8 +42,10 @@ class DiffusionWorker(DistributedWorker):
         `parallelize`'s (None: compiled on CUDA; the first request then takes minutes)."""
         config = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig.parse(parallel)
         config.check_world_size(self.world_size)
-        self.pipe = parallelize(load_pipeline(model, dtype=dtype, device=self.device), config, compile=compile)
+        pipe = load_pipeline(model, dtype=dtype, device=self.device)
         self.default_size = TINY_SIZE if model in TINY_PIPELINES else None  # None: the pipeline's own default
+        self.info = _model_info(pipe, model, config, dtype, self.default_size)
+        self.pipe = parallelize(pipe, config, compile=compile)
 
     def __call__(
         self,
@@ -56,12 +59,18 @@ class DiffusionWorker(DistributedWorker):
         num_images: int = 1,
         guidance: float | None = None,
         preview: bool = False,
+        describe: bool = False,
         **pipeline_kwargs: Any,
     ) -> dict[str, Any] | None:
         """Generate `num_images` images per prompt; returns ``{"images": [PIL...], "seed", "seconds"}``
         on rank 0 (None elsewhere). Streaming sends ``{"step": i, "of": steps}`` after each step,
         with ``"preview"`` (a small PIL image of the latents) when `preview` is set. Other keyword
-        arguments go to the pipeline call as they are (e.g. ``true_cfg_scale`` for FLUX)."""
+        arguments go to the pipeline call as they are (e.g. ``true_cfg_scale`` for FLUX).
+
+        ``describe=True`` generates nothing and returns what requests are checked against
+        (`ditmesh serve` asks once): ``{"model", "family", "size_multiple", "default_size", ...}``."""
+        if describe:
+            return self.info
         started = time.perf_counter()
         call = dict(
             prompt=prompt,
@@ -93,6 +102,16 @@ class DiffusionWorker(DistributedWorker):
             return callback_kwargs
 
         return on_step_end
+
+
+def _model_info(pipe: Any, model: str, config: ParallelConfig, dtype: str, default_size: int | None) -> dict[str, Any]:
+    """What a server validates requests against, read from the model's adapter and the pipeline."""
+    adapter = adapter_for(pipe)
+    if default_size is None and getattr(pipe, "default_sample_size", None) and getattr(pipe, "vae_scale_factor", None):
+        default_size = pipe.default_sample_size * pipe.vae_scale_factor
+    return {"model": model, "family": adapter.name, "pipeline": type(pipe).__name__,
+            "size_multiple": adapter.size_multiple, "default_size": default_size, "parallel": str(config),
+            "dtype": str(dtype)}
 
 
 def latent_preview(latents: torch.Tensor, height: int | None = None, width: int | None = None) -> Any:

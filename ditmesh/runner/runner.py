@@ -139,6 +139,11 @@ class DistributedRunner:
         """Process ids of the ranks (index = rank)."""
         return [proc.pid for proc in self._procs]
 
+    @property
+    def alive(self) -> list[bool]:
+        """Whether each rank's process is running (index = rank); empty before `start`."""
+        return [not self._exited[rank].done() for rank in range(len(self._procs))]  # done: its sentinel fired
+
     async def start(self, **setup_kwargs: Any) -> None:
         """Spawn the ranks, initialise torch.distributed and call ``setup(**setup_kwargs)`` on each.
 
