@@ -114,7 +114,7 @@ def test_compiled_blocks_around_sequence_wrappers_match_eager(world1):
     config = ParallelConfig()
     sequence.apply(wrapped, ParallelMesh.build(config), adapter_for(wrapped), config)
     fastpath.fuse_qkv(wrapped)
-    fastpath.compile_repeated_blocks(wrapped, inductor_knobs=False)
+    fastpath.compile_repeated_blocks(wrapped)
     with torch.no_grad():
         expected, got = plain(**kwargs)[0], wrapped(**kwargs)[0]
     assert all(b._compiled_call_impl is not None for b in fastpath.repeated_blocks(wrapped))

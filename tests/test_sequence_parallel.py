@@ -135,7 +135,7 @@ def check_compiled(family, degrees, size):
     with torch.no_grad():
         expected = model(**inputs)[0]
         wrapped = parallelize(model, config, mesh=_mesh(config), compile=False)
-        compile_repeated_blocks(wrapped, inductor_knobs=False, backend="aot_eager")
+        compile_repeated_blocks(wrapped, backend="aot_eager")
         graphs = counters["stats"]["unique_graphs"]
         out = wrapped(**inputs)[0]
     assert counters["stats"]["unique_graphs"] > graphs, "nothing was compiled"

@@ -6,10 +6,11 @@ Four steps, each through a public seam, none changing the model's outputs beyond
 2. give cuDNN attention priority for the denoiser's forward (`sdpa_kernel(..., set_priority=True)`
    entered by a forward pre-hook, left by an always-called forward hook): the fastest SDPA kernel
    on Hopper at these lengths; others stay as fallbacks for shapes cuDNN refuses;
-3. set inductor knobs that pay for diffusion transformers (coordinate-descent tuning of the
-   generated kernels; no epilogue fusion into cuBLAS matmuls);
-4. regional compilation: each repeated block compiled with `fullgraph=True`; blocks of one class
-   share one compiled graph (parameters are graph inputs), so FLUX compiles two graphs, not 57.
+3. regional compilation: each repeated block compiled with `fullgraph=True`; blocks of one class
+   share one compiled graph (parameters are graph inputs), so FLUX compiles two graphs, not 57;
+4. only with `autotune=True`: inductor's coordinate-descent tuning of every generated kernel
+   (and no epilogue fusion into cuBLAS matmuls). It benchmarks each kernel's launch configs
+   while compiling, which multiplies the compile time; benchmarks/scaling.py measures both.
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ from ditmesh.models.base import adapter_for
 _SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def apply_fastpath(pipe: Any, *, compile: bool = True, inductor_knobs: bool = True) -> Any:
+def apply_fastpath(pipe: Any, *, compile: bool = True, autotune: bool = False) -> Any:
     """Speed up a diffusers pipeline (or a bare denoiser) on one CUDA GPU, in place; returns it.
 
-    `compile=False` keeps eager execution (fused QKV and cuDNN attention only).
-    `inductor_knobs=False` leaves `torch._inductor.config` as it is (the knobs are process-wide).
+    `compile=False` keeps eager execution (fused QKV and cuDNN attention only). `autotune=True`
+    adds inductor's coordinate-descent tuning (slow compile; process-wide inductor settings).
     """
     denoiser = _denoiser(pipe)
     fuse_qkv(denoiser)
     prefer_cudnn_attention(denoiser)
     if compile:
-        compile_repeated_blocks(denoiser, inductor_knobs=inductor_knobs)
+        compile_repeated_blocks(denoiser, autotune=autotune)
     return pipe
 
 
@@ -78,21 +79,20 @@ def prefer_cudnn_attention(denoiser: torch.nn.Module) -> None:
     denoiser.register_forward_hook(leave, always_call=True)
 
 
-def _set_inductor_knobs() -> None:
-    import torch._inductor.config as inductor
-
-    inductor.coordinate_descent_tuning = True
-    inductor.coordinate_descent_check_all_directions = True
-    inductor.epilogue_fusion = False
+# `torch._inductor.config` settings of `autotune=True` (process-wide, like all inductor settings).
+AUTOTUNE_KNOBS = dict(coordinate_descent_tuning=True, coordinate_descent_check_all_directions=True, epilogue_fusion=False)
 
 
-def compile_repeated_blocks(denoiser: torch.nn.Module, *, inductor_knobs: bool = True, backend: str = "inductor") -> None:
-    """Regional compilation (step 4 of `apply_fastpath`), with the inductor knobs of step 3.
+def compile_repeated_blocks(denoiser: torch.nn.Module, *, autotune: bool = False, backend: str = "inductor") -> None:
+    """Regional compilation (step 3 of `apply_fastpath`); `autotune` sets `AUTOTUNE_KNOBS` first.
 
     Also what `parallelize` compiles under sequence parallelism: the blocks then hold the
     Ulysses all-to-alls and ring all-gathers (functional collectives) in their graphs."""
-    if inductor_knobs and backend == "inductor":
-        _set_inductor_knobs()
+    if autotune and backend == "inductor":
+        import torch._inductor.config as inductor
+
+        for name, value in AUTOTUNE_KNOBS.items():
+            setattr(inductor, name, value)
     for block in repeated_blocks(denoiser):
         block.compile(fullgraph=True, backend=backend)
 

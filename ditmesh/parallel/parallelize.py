@@ -14,7 +14,8 @@ from ditmesh.parallel.mesh import ParallelMesh
 from ditmesh.parallel.pipefusion import apply_pipefusion
 
 
-def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = None, *, compile: bool | None = None) -> Any:
+def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = None, *, compile: bool | None = None,
+                autotune: bool = False) -> Any:
     """Make a diffusers pipeline (or a bare transformer) run under `config` on this rank.
 
     Call it on every rank, after torch.distributed is initialised (`DistributedRunner` does
@@ -25,12 +26,14 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     On CUDA the fast path's steps apply under every config that leaves the denoiser's layers
     whole (tensor and PipeFusion degree 1): fused Q/K/V, cuDNN attention first and regional
     `torch.compile` of the repeated blocks, collectives included. `compile` overrides the last
-    (None: compile on CUDA only; the first forward then takes minutes).
+    (None: compile on CUDA only; the first forward then compiles, for seconds). `autotune=True`
+    adds inductor's coordinate-descent kernel tuning to the compile (many times slower to
+    compile; `benchmarks/scaling.py` measures what it gains).
     """
     if config.world_size == 1 and not dist.is_initialized():
         # One process: on CUDA the single-GPU fast path; on CPU the pipeline as it is.
         if _on_cuda(pipe):
-            return fastpath.apply_fastpath(pipe, compile=compile is not False)
+            return fastpath.apply_fastpath(pipe, compile=compile is not False, autotune=autotune)
         return pipe
     if compile and (config.tensor_degree > 1 or config.pipefusion_degree > 1):
         raise ValueError("compile=True compiles whole blocks; with tensor_degree or pipefusion_degree > 1 pass compile=None or False")
@@ -63,7 +66,7 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     # 2b. regional compile of the blocks as steps 1-2 left them (Ulysses all-to-alls and the ring's
     #    all-gather are functional collectives: they sit inside the graphs, no graph break).
     if (cuda if compile is None else compile) and whole:
-        fastpath.compile_repeated_blocks(denoiser)
+        fastpath.compile_repeated_blocks(denoiser, autotune=autotune)
     # 3. pipefusion: split the blocks into stages; takes over the denoising loop. Inside cfg: each
     #    guidance branch runs its own pipeline of stages, exchanging predictions per patch.
     if config.pipefusion_degree > 1:

@@ -1,0 +1,296 @@
+"""PYTHONPATH=$PWD python3 benchmarks/scaling.py --out benchmarks/results   # one GPU (H200), needs diffusers
+   PYTHONPATH=$PWD python3 benchmarks/scaling.py --device cpu --tiny         # proves the script on CPU
+
+What one rank of ulysses=W computes, measured on one GPU, and the speed-up at W GPUs projected
+from it. Multi-GPU kinds above two are not lent, so 4 and 8 GPUs are projected, not measured.
+
+1. Compile time and step on one GPU (FLUX.1-dev-sized transformer, random bf16 weights, 1024²:
+   4096 image + 512 text tokens, one forward = one denoising step):
+     diffusers eager | diffusers `compile_repeated_blocks(fullgraph=True)` |
+     ditmesh `parallelize(model, ParallelConfig())` (fused QKV, cuDNN, regional compile) with and
+     without the slow inductor autotuning knobs (coordinate descent).
+   Inductor's caches are off (TORCHINDUCTOR_FX_GRAPH_CACHE=0 ...), so every compile is cold.
+2. One rank of ulysses=W, for W = 2, 4, 8, compiled as `parallelize` compiles it: the rank's
+   tokens (image 4096/W, text 512/W when the text is split, all 512 when it is replicated) run
+   through every block; attention runs on H/W heads over all tokens, as after Ulysses'
+   all-to-all. The all-to-all itself is left out: the q/k/v reshape to (H/W heads, all tokens)
+   moves exactly as many elements, so the per-rank GPU work is right except the exchange.
+3. Projection (scaling_projection.md): step(W) = compute(W) + comm(W) with
+   comm(W) = layers * all_to_alls_per_layer * (alpha + bytes_sent_per_rank(W) / beta),
+   alpha and beta fitted to the two P2P hop sizes measured on 2 H200s
+   (ring_schedule_h200_x2.md: 25.2 MB in 175.2 us, 100.7 MB in 377.9 us), no overlap counted.
+   Speed-up(W) = best single-GPU compiled step / step(W).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+for _name in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE", "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE"):
+    os.environ.setdefault(_name, "0")  # every compile cold: compile times are what a user waits
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ditmesh.models.flux import FLUX_DEV_CONFIG  # noqa: E402
+from ditmesh.parallel import fastpath  # noqa: E402
+from ditmesh.parallel.attention import RedirectSDPA  # noqa: E402
+
+TEXT, IMAGE = 512, 4096  # FLUX.1-dev at 1024²
+# Fitted to the 2-H200 P2P hops (ring_schedule_h200_x2.md): t(bytes) = ALPHA + bytes / BETA.
+HOPS = ((25.2e6, 175.2e-6), (100.7e6, 377.9e-6))
+BETA = (HOPS[1][0] - HOPS[0][0]) / (HOPS[1][1] - HOPS[0][1])
+ALPHA = HOPS[0][1] - HOPS[0][0] / BETA
+ROWS: list[dict] = []
+
+
+# ---- what one Ulysses rank computes -------------------------------------------------------------
+
+
+class EmulatedUlysses:
+    """Attention processor wrapper: the model's processor, with its SDPA run as one rank of
+    ulysses=`degree` would run it after the all-to-all (H/W heads over all tokens), no exchange.
+
+    `text` "split": the rank holds T/W text + I/W image tokens; (B, H, S/W, D) is viewed as
+    (B, H/W, S, D), the same elements. "replicated" (before the text split): it holds all T text
+    tokens + I/W image tokens; text keeps H/W of its heads, image is viewed as (B, H/W, I, D),
+    and the text output is repeated back over the heads (the all-gather it stands for)."""
+
+    def __init__(self, inner, degree: int, text: str, num_text: int):
+        self.inner, self.degree, self.text, self.num_text = inner, degree, text, num_text
+
+    def __call__(self, attn, *args, **kwargs):
+        with RedirectSDPA(lambda sdpa, *a, **kw: self._attend(sdpa, *a, **kw)):
+            return self.inner(attn, *args, **kwargs)
+
+    def _attend(self, sdpa, query, key, value, **kwargs):
+        q, k, v = query, key, value
+        batch, heads, seq, dim = q.shape
+        w = self.degree
+        if self.text == "split":
+            q_, k_, v_ = (x.reshape(batch, heads // w, seq * w, dim) for x in (q, k, v))
+            return sdpa(q_, k_, v_, **kwargs).reshape(batch, heads, seq, dim)
+        t = self.num_text
+
+        def widen(x):  # (B, H, T + I/W, D) -> (B, H/W, T + I, D)
+            return torch.cat([x[:, : heads // w, :t], x[:, :, t:].reshape(batch, heads // w, (seq - t) * w, dim)], dim=2)
+
+        out = sdpa(widen(q), widen(k), widen(v), **kwargs)
+        text_out = out[:, :, :t].repeat(1, w, 1, 1)
+        return torch.cat([text_out, out[:, :, t:].reshape(batch, heads, seq - t, dim)], dim=2)
+
+
+def flux_rank_inputs(image: int, text: int, device: str, dtype: torch.dtype, joint_dim: int, pooled_dim: int) -> dict:
+    """A rank's inputs: `image` packed latent tokens and `text` prompt tokens (positions irrelevant here)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    kw = dict(device=device, dtype=dtype)
+    return dict(hidden_states=torch.randn(1, image, 64, generator=gen, **kw),
+                encoder_hidden_states=torch.randn(1, text, joint_dim, generator=gen, **kw),
+                pooled_projections=torch.randn(1, pooled_dim, generator=gen, **kw),
+                timestep=torch.full((1,), 0.7, **kw), guidance=torch.full((1,), 3.5, **kw),
+                img_ids=torch.zeros(image, 3, device=device), txt_ids=torch.zeros(text, 3, device=device), return_dict=False)
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+
+def step_ms(fn, device: str, samples: int) -> float:
+    """Median ms of one call (CUDA events on GPUs, wall clock on CPU), after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(samples):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            tic = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - tic))
+    return statistics.median(times)
+
+
+def first_call_s(fn, device: str) -> float:
+    tic = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - tic
+
+
+def record(name: str, degree: int, text: str, fn, args, reference=None) -> torch.Tensor:
+    import torch._dynamo
+
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        warmup = first_call_s(fn, args.device)
+        out = fn()[0]
+        row = dict(variant=name, degree=degree, text=text, warmup_s=warmup, step_ms=step_ms(fn, args.device, args.samples),
+                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None)
+        if reference is not None:
+            row["rel_err"] = ((out.double() - reference.double()).norm() / reference.double().norm()).item()
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+    torch._dynamo.reset()
+    return out
+
+
+# ---- the runs -----------------------------------------------------------------------------------
+
+
+def build(args) -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    config = dict(FLUX_DEV_CONFIG)
+    if args.tiny:
+        config.update(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=8,
+                      joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        return FluxTransformer2DModel(**config).to(args.dtype).eval()
+
+
+def single_gpu_rows(model, args, tokens: tuple[int, int]) -> torch.Tensor:
+    """Part 1: diffusers eager / compiled and ditmesh's single-GPU path, knobs on and off."""
+    import copy
+
+    import torch._inductor.config as inductor
+
+    text, image = tokens
+    inputs = flux_rank_inputs(image, text, args.device, args.dtype, model.config.joint_attention_dim, model.config.pooled_projection_dim)
+    reference = record("diffusers eager", 1, "whole", lambda: model(**inputs), args)
+    compiled = copy.deepcopy(model)
+    compiled.compile_repeated_blocks(fullgraph=True, backend=args.backend)
+    record("diffusers compile_repeated_blocks", 1, "whole", lambda: compiled(**inputs), args, reference)
+    del compiled
+    defaults = {name: getattr(inductor, name) for name in fastpath.AUTOTUNE_KNOBS}
+    for autotune in (False, True) if args.device == "cuda" else (False,):
+        ours = copy.deepcopy(model)
+        fastpath.apply_fastpath(ours, compile=False)
+        fastpath.compile_repeated_blocks(ours, autotune=autotune, backend=args.backend)
+        name = "ditmesh fast path" + (" + autotune (coordinate descent)" if autotune else "")
+        record(name, 1, "whole", lambda ours=ours: ours(**inputs), args, reference)
+        del ours
+        for knob, value in defaults.items():
+            setattr(inductor, knob, value)
+    return reference
+
+
+def ulysses_rank_rows(model, args) -> None:
+    """Part 2: one rank of ulysses=W at its shapes, compiled as parallelize compiles it."""
+    fastpath.fuse_qkv(model)
+    fastpath.prefer_cudnn_attention(model) if args.device == "cuda" else None
+    originals = dict(model.attn_processors)
+    text_total, image_total = args.tokens
+    for degree in args.degrees:
+        for text in ("split", "replicated"):
+            text_local = -(-text_total // degree) if text == "split" else text_total
+            model.set_attn_processor({n: EmulatedUlysses(p, degree, text, text_local) for n, p in originals.items()})
+            fastpath.compile_repeated_blocks(model, backend=args.backend)
+            inputs = flux_rank_inputs(image_total // degree, text_local, args.device, args.dtype,
+                                      model.config.joint_attention_dim, model.config.pooled_projection_dim)
+            record(f"one rank of ulysses={degree}", degree, text, lambda: model(**inputs), args)
+            for block in fastpath.repeated_blocks(model):
+                block._compiled_call_impl = None  # next degree: eager blocks, recompiled with its shapes
+    model.set_attn_processor(originals)
+
+
+# ---- projection ---------------------------------------------------------------------------------
+
+
+def comm_ms(degree: int, text: str, config: dict, tokens: tuple[int, int], bytes_per_value: int = 2) -> float:
+    """Ulysses exchange time per step for one rank (no overlap counted).
+
+    Per attention layer: one all-to-all of q, k, v together and one of the output. A rank holds
+    S_local = T/W + I/W tokens (split text; T + I/W with replicated text, whose text q/k/v stay
+    local and whose text output is all-gathered over heads); it sends (W-1)/W of what it holds."""
+    if degree == 1:
+        return 0.0
+    text_total, image_total = tokens
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    layers = config["num_layers"] + config["num_single_layers"]
+    local = (text_total + image_total) / degree if text == "split" else image_total / degree
+    moved = (degree - 1) / degree * local * hidden * bytes_per_value
+    per_layer = (ALPHA + 3 * moved / BETA) + (ALPHA + moved / BETA)
+    if text == "replicated":  # the text output's all-gather over heads
+        per_layer += ALPHA + (degree - 1) / degree * text_total * hidden * bytes_per_value / BETA
+    return 1e3 * layers * per_layer
+
+
+def projection(config: dict, tokens: tuple[int, int]) -> tuple[list[dict], float]:
+    best = min(r["step_ms"] for r in ROWS if r["degree"] == 1 and r["variant"] != "diffusers eager")
+    out = []
+    for r in ROWS:
+        if r["degree"] == 1:
+            continue
+        comm = comm_ms(r["degree"], r["text"], config, tokens)
+        step = r["step_ms"] + comm
+        out.append(dict(degree=r["degree"], text=r["text"], compute_ms=r["step_ms"], comm_ms=comm, step_ms=step,
+                        speedup=best / step, efficiency=best / step / r["degree"]))
+    return out, best
+
+
+def write(args, config: dict) -> None:
+    projected, best = projection(config, args.tokens)
+    tag = torch.cuda.get_device_name().split()[-1].lower() if args.device == "cuda" else "cpu_tiny"
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch=torch.__version__,
+                tokens=dict(text=args.tokens[0], image=args.tokens[1]), alpha_us=ALPHA * 1e6, beta_gbps=BETA / 1e9)
+    (args.out / f"scaling_{tag}.json").write_text(json.dumps(dict(meta, rows=ROWS, projection=projected), indent=1))
+    lines = [f"# One rank's compute at ulysses=W, measured on one {meta['device']}; W GPUs projected", "",
+             f"torch {torch.__version__}; FLUX.1-dev-sized transformer{' (tiny)' if args.tiny else ''}, "
+             f"{args.tokens[1]} image + {args.tokens[0]} text tokens, {args.dtype}.", "",
+             f"Command: `{' '.join(sys.argv)}`", "", "## Measured", "",
+             "| variant | W | text | first call s | step ms | peak GiB | rel err |", "|---|---:|---|---:|---:|---:|---:|"]
+    for r in ROWS:
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else ""
+        err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
+        lines.append(f"| {r['variant']} | {r['degree']} | {r['text']} | {r['warmup_s']:.1f} | {r['step_ms']:.2f} | {peak} | {err} |")
+    lines += ["", "## Projection", "",
+              "step(W) = compute(W) + comm(W); comm(W) = layers x [2 all-to-alls (q/k/v, output)"
+              " (+ text all-gather when replicated)] x (alpha + bytes sent per rank / beta);",
+              f"alpha = {ALPHA * 1e6:.0f} us, beta = {BETA / 1e9:.0f} GB/s fitted to the P2P hops measured on 2 H200s"
+              " (ring_schedule_h200_x2.md; alpha includes the eager host cost of those hops, so it is pessimistic);"
+              f" no overlap. Baseline: best single-GPU compiled step {best:.2f} ms.", "",
+              "| W | text | compute ms | comm ms | step ms | speed-up | efficiency |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for p in projected:
+        lines.append(f"| {p['degree']} | {p['text']} | {p['compute_ms']:.2f} | {p['comm_ms']:.2f} | {p['step_ms']:.2f} | "
+                     f"{p['speedup']:.2f}x | {100 * p['efficiency']:.0f}% |")
+    (args.out / f"scaling_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a tiny FLUX (CPU proof of the script)")
+    parser.add_argument("--degrees", default="2,4,8")
+    parser.add_argument("--samples", type=int, default=7)
+    parser.add_argument("--skip-single", action="store_true", help="skip part 1 (the compile-time comparison)")
+    args = parser.parse_args()
+    args.degrees = [int(d) for d in args.degrees.split(",")]
+    args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    args.backend = "inductor" if args.device == "cuda" else "aot_eager"
+    args.tokens = (TEXT, IMAGE) if not args.tiny else (8, 64)
+    torch._dynamo.config.automatic_dynamic_shapes = False  # each degree compiles for its own static shapes
+    model = build(args)
+    if not args.skip_single:
+        single_gpu_rows(model, args, args.tokens)
+    ulysses_rank_rows(model, args)
+    write(args, dict(model.config))
+
+
+if __name__ == "__main__":
+    main()
