@@ -42,8 +42,7 @@ def _rank_schedule(steps: int, warmup: int) -> dict:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(steps)
     model = tiny_flux_transformer(num_heads=8, head_dim=32, num_layers=4, num_single_layers=8)
-    denoiser = PipeFusionTransformer(model, FLUX_STAGE_PLAN, mesh.group("pipefusion"), config, scheduler, "first",
-                                     return_group=mesh.group("pipefusion_return"))
+    denoiser = PipeFusionTransformer(model, FLUX_STAGE_PLAN, mesh.group("pipefusion"), config, scheduler, "first")
     inputs = flux_transformer_inputs(height=LATENT, width=LATENT)
     x = inputs.pop("hidden_states")
     inputs.pop("timestep")

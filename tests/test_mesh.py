@@ -46,14 +46,3 @@ def test_world_size_mismatch_on_build(pools):
     # the pool survives a ValueError on every rank
     assert pools(2).run(dist.get_rank) == [0, 1]
 
-
-def _return_group_report(text):
-    mesh = ParallelMesh.build(ParallelConfig.parse(text))
-    same_ranks = mesh.group_ranks("pipefusion_return") == mesh.group_ranks("pipefusion")
-    return same_ranks, mesh.group("pipefusion_return") is not mesh.group("pipefusion"), mesh.group_ranks("pipefusion")
-
-
-def test_pipefusion_return_path_has_its_own_group(pools):
-    reports = pools(4).run(_return_group_report, "pipefusion=2,ulysses=2")
-    assert all(same and distinct for same, distinct, _ in reports)
-    assert [ranks for _, _, ranks in reports] == [[0, 2], [1, 3], [0, 2], [1, 3]]

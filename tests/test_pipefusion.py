@@ -217,18 +217,17 @@ def test_stale_kv_reads_previous_step_or_this_step():
     assert processor.buffers["key"][0, 0, :, 0].tolist() == [20.0, 21.0]
 
 
-def test_pipefusion_refused_on_nccl_with_the_alternative(monkeypatch):
-    # PipeFusion hung on 2 H200s (NCCL): validate refuses it there, naming what to use instead.
+def test_pipefusion_not_refused_on_nccl(monkeypatch):
+    # PipeFusion's P2P order is NCCL-safe by construction now (tests/test_pipefusion_order.py),
+    # so validate accepts it whatever the backend; there is no override variable any more.
+    import torch.distributed as dist
+
     from ditmesh.config import ParallelConfig
     from ditmesh.models.tiny import tiny_pipeline
-    from ditmesh.parallel import pipefusion
     from ditmesh.parallel.validate import config_problems as problems_for
 
     pipe = tiny_pipeline("tiny-flux")
     config = ParallelConfig(pipefusion_degree=2)
-    assert problems_for(pipe, config) == []
-    monkeypatch.setattr(pipefusion, "_on_nccl", lambda: True)
-    (problem,) = problems_for(pipe, config)
-    assert "NCCL" in problem and "ulysses" in problem
-    monkeypatch.setenv("DITMESH_PIPEFUSION_NCCL", "1")
-    assert problems_for(pipe, config) == []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    assert problems_for(pipe, config, device_type="cuda") == []

@@ -26,12 +26,10 @@ class ParallelMesh:
     """
 
     def __init__(self, device_mesh: DeviceMesh, config: ParallelConfig,
-                 flat_meshes: dict[str, DeviceMesh] | None = None,
-                 extra_groups: dict[str, dist.ProcessGroup] | None = None):
+                 flat_meshes: dict[str, DeviceMesh] | None = None):
         self.device_mesh = device_mesh
         self.config = config
         self._flat_meshes = flat_meshes or {}  # kept: torch deprecates re-slicing them from the root
-        self._extra_groups = extra_groups or {}
 
     @classmethod
     def build(cls, config: ParallelConfig, device_type: str | None = None) -> ParallelMesh:
@@ -43,14 +41,7 @@ class ParallelMesh:
         shape = tuple(config.degrees.values())
         device_mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
         flat_meshes = {name: device_mesh[axes]._flatten(name) for name, axes in FLAT_AXES.items()}
-        extra_groups = {}
-        if config.pipefusion_degree > 1:
-            # PipeFusion's latent return path (last stage -> stage 0) gets its own groups. On NCCL
-            # a group's P2P operations between two ranks run in order on one stream, so a receive
-            # stage 0 posts early for a returning latent would block its own forward sends, which
-            # the last stage needs before it can send that latent: a deadlock gloo never shows.
-            extra_groups["pipefusion_return"] = _duplicate_axis_groups(device_mesh, "pipefusion")
-        return cls(device_mesh, config, flat_meshes, extra_groups)
+        return cls(device_mesh, config, flat_meshes)
 
     def _axis_mesh(self, axis: str) -> DeviceMesh:
         if axis in self._flat_meshes:
@@ -60,9 +51,7 @@ class ParallelMesh:
         return self.device_mesh[axis]
 
     def group(self, axis: str) -> dist.ProcessGroup:
-        """Process group of this rank along `axis` (or a named extra group, e.g. "pipefusion_return")."""
-        if axis in self._extra_groups:
-            return self._extra_groups[axis]
+        """Process group of this rank along `axis`."""
         return self._axis_mesh(axis).get_group()
 
     def rank(self, axis: str) -> int:
@@ -96,13 +85,3 @@ class ParallelMesh:
     def __repr__(self) -> str:
         return f"ParallelMesh({self.config}, layout={self.layout.flatten().tolist()})"
 
-
-def _duplicate_axis_groups(device_mesh: DeviceMesh, axis: str) -> dist.ProcessGroup:
-    """A second set of process groups with the same ranks as `axis`'s groups; this rank's one.
-
-    Collective: every rank creates every group, in the same order.
-    """
-    layout = device_mesh.mesh.movedim(AXES.index(axis), -1)
-    rank_lists = layout.reshape(-1, layout.shape[-1]).tolist()
-    mine, _ = dist.new_subgroups_by_enumeration(rank_lists)
-    return mine
