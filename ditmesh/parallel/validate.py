@@ -20,13 +20,14 @@ The rules (per axis, then per pair):
 - pipefusion (`pipefusion.composition_problems`, the strategy's own rules): at most one stage
   per block; a deterministic flow-matching Euler scheduler; composes with data, cfg and ulysses
   (Ulysses inside each stage), not (yet) with ring/tensor; cfg only for pipelines with batched
-  guidance (SD3), not FLUX's two sequential calls. Patches vs image height (`pipefusion.patch_rows`) and token
-  columns vs the ulysses degree are checked at call time by pipefusion.py; `valid_configs`
+  guidance (SD3), not FLUX's two sequential calls; any backend (its P2P order is NCCL-safe). Patches vs image
+  height (`pipefusion.patch_rows`) and token columns vs the ulysses degree are checked at call time by the
+  pipefusion package; `valid_configs`
   applies them too when given a height/width.
 
 Checked at call time by the strategies, not here: cfg=2 without guidance in the call
 (`cfg.py`), the image size against the model (`data.check_size`), patches vs height
-(`pipefusion.py`).
+(`pipefusion/`).
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def _ring_problems(config: ParallelConfig, device_type: str) -> list[str]:
 
 
 def _fits_image(config: ParallelConfig, adapter: ModelAdapter, height: int | None, width: int | None) -> bool:
-    """PipeFusion's call-time size rules (pipefusion.py raises them), for listing configs."""
+    """PipeFusion's call-time size rules (the pipefusion package raises them), for listing configs."""
     if config.pipefusion_degree == 1:
         return True
     # One token row/column is `size_multiple` pixels for FLUX and SD3 (VAE 8 x patch/packing 2).
