@@ -1,11 +1,13 @@
 """`ditmesh` command line: ``ditmesh generate`` runs a pipeline on several processes (GPUs);
-``ditmesh bench`` times the same generation under several parallel configs side by side.
+``ditmesh bench`` times the same generation under several parallel configs side by side;
+``ditmesh serve`` serves generation over HTTP (`ditmesh.serve`).
 
     ditmesh generate --model tiny-flux --parallel ulysses=2 -o out.png
     ditmesh generate --model /models/FLUX.1-dev --parallel cfg=2,ulysses=4 \\
         --prompt "a cat" --negative-prompt "blurry" --true-cfg-scale 4 --steps 28 -o cat.png
     ditmesh bench --model /models/FLUX.1-dev --parallel serial ulysses=8 ring=8 ring=2,ulysses=4 \\
         --steps 28 --dtype bfloat16 --height 1024 --width 1024 --json bench.json
+    ditmesh serve --model tiny-flux --parallel ulysses=2 --port 8000
 
 One process per rank is spawned through `DistributedRunner` (the product of the parallel degrees;
 NCCL on GPUs, gloo on CPU); rank 0's progress is drawn here and the images are written here.
@@ -86,6 +88,26 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--eager", action="store_true", help="no torch.compile of the blocks (compiled on GPUs by default)")
     bench.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
     bench.set_defaults(run=_bench)
+
+    serve = commands.add_parser("serve", help="serve image generation over HTTP (JSON and server-sent events)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--model", default="tiny-flux", help=MODEL_HELP)
+    serve.add_argument("--parallel", default="serial", help="degrees, as for generate (their product: the processes)")
+    serve.add_argument("--dtype", choices=DTYPES, default="float32")
+    serve.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    serve.add_argument("--compile", action="store_true",
+                       help="torch.compile the blocks on GPUs (the first request then takes minutes)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs --api-key")
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port (the ready line names it)")
+    serve.add_argument("--api-key", default=None,
+                       help="clients must send 'Authorization: Bearer KEY' (default: $DITMESH_API_KEY if set, which "
+                            "keeps the key out of the process list)")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait while one runs; more get 429")
+    serve.add_argument("--timeout", type=float, default=600.0,
+                       help="seconds a generation may take; longer gets 504 and the ranks restart")
+    serve.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: 1 on CPU)")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(run=_serve)
     return parser
 
 
@@ -132,6 +154,28 @@ def _bench(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = ParallelConfig.parse(args.parallel)
+    _check_model(args.model)
+    _quiet_libraries()
+    import torch
+
+    from ditmesh.runner.diffusion import DiffusionWorker
+    from ditmesh.runner.runner import DistributedRunner
+    from ditmesh.serve import ServeSettings, run_server
+
+    api_key = args.api_key or os.environ.get("DITMESH_API_KEY") or None
+    settings = ServeSettings(max_queue=args.max_queue, timeout=args.timeout, api_key=api_key)
+    device_type = None if args.device == "auto" else args.device
+    on_cpu = device_type == "cpu" or (device_type is None and not torch.cuda.is_available())
+    # One thread per rank on CPU: the ranks and the server share the cores.
+    runner = DistributedRunner(DiffusionWorker, world_size=config.world_size, device_type=device_type,
+                               num_threads=args.threads or (1 if on_cpu else None))
+    setup = dict(model=args.model, parallel=str(config), dtype=args.dtype, compile=None if args.compile else False)
+    run_server(runner, setup, settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

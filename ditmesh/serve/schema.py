@@ -1,0 +1,96 @@
+"""The request and response bodies of ``POST /v1/images/generations``, and the checks that need
+the model (size multiple, family) on top of the field types and ranges pydantic checks."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_PROMPT_CHARS = 2000
+MAX_SIDE = 4096
+MAX_STEPS = 200
+MAX_IMAGES = 8
+MAX_SEED = 2**32 - 1
+
+
+class GenerationRequest(BaseModel):
+    """What to generate. Unknown keys and values of the wrong type are refused (422), not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS,
+                                        description="what to avoid (CFG; FLUX uses it with true_cfg_scale)")
+    height: int | None = Field(None, gt=0, le=MAX_SIDE,
+                               description="pixels, a multiple of the model's size multiple (16 for FLUX and SD3, "
+                                           "8 for SDXL; GET /healthz says); default: the model's")
+    width: int | None = Field(None, gt=0, le=MAX_SIDE, description="pixels, like height")
+    steps: int = Field(28, ge=1, le=MAX_STEPS, description="denoising steps")
+    guidance: float | None = Field(None, ge=0, le=100, description="guidance_scale (default: the pipeline's)")
+    true_cfg_scale: float | None = Field(None, ge=1, le=100,
+                                         description="FLUX only: true classifier-free guidance (needs negative_prompt)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; default: a random seed, "
+                                                                 "returned in the response")
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES, description="images for the prompt")
+    output_format: Literal["png", "jpeg"] = Field("png", description="encoding of the returned images")
+    stream: bool = Field(False, description="server-sent events (as with Accept: text/event-stream)")
+    preview: bool = Field(False, description="with streaming: a small preview image in every step event")
+
+    def payload(self, seed: int, streaming: bool) -> dict[str, Any]:
+        """The keyword arguments of `DiffusionWorker.__call__` for this request."""
+        payload = dict(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+                       height=self.height, width=self.width, seed=seed, num_images=self.num_images,
+                       guidance=self.guidance, preview=self.preview and streaming)
+        if self.true_cfg_scale is not None:
+            payload["true_cfg_scale"] = self.true_cfg_scale
+        return payload
+
+
+class Timings(BaseModel):
+    """Where a request's time went, in seconds."""
+
+    queued_s: float = Field(description="waiting for the mesh (earlier requests, a restart)")
+    mesh_s: float = Field(description="the runner call: sending, generating on every rank, the result coming back")
+    generation_s: float = Field(description="the pipeline call on rank 0")
+    encode_s: float = Field(description="encoding the images here")
+    total_s: float = Field(description="arrival to response")
+
+
+class GenerationResponse(BaseModel):
+    """The generated images (also the data of the `result` event when streaming)."""
+
+    images: list[str] = Field(description="base64-encoded image files, image i drawn with seed + i")
+    output_format: Literal["png", "jpeg"]
+    width: int
+    height: int
+    seed: int
+    model: str
+    timings: Timings
+
+
+def model_errors(request: GenerationRequest, info: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the model refuses in `request` (validation errors in FastAPI's shape); empty if nothing.
+
+    `info` is the worker's description (`DiffusionWorker(describe=True)`): family, size_multiple."""
+    errors = []
+    multiple, family = info["size_multiple"], info["family"]
+    for name in ("height", "width"):
+        value = getattr(request, name)
+        if value is not None and value % multiple:
+            lower = value // multiple * multiple
+            fix = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
+            message = f"{name} {value} is not a multiple of {multiple} ({family}); use {fix}"
+            errors.append(field_error(name, value, message))
+    if request.true_cfg_scale is not None and family != "flux":
+        errors.append(field_error("true_cfg_scale", request.true_cfg_scale,
+                                  f"true_cfg_scale is for FLUX; this server runs {family}: use guidance instead"))
+    elif request.true_cfg_scale is not None and request.negative_prompt is None:
+        errors.append(field_error("true_cfg_scale", request.true_cfg_scale,
+                                  "true_cfg_scale needs a negative_prompt (the unconditional pass); add one"))
+    return errors
+
+
+def field_error(field: str | None, value: Any, message: str, kind: str = "value_error") -> dict[str, Any]:
+    """One validation error as FastAPI reports them: ``{"type", "loc", "msg", "input"}``."""
+    return {"type": kind, "loc": ["body", field] if field else ["body"], "msg": message, "input": value}
