@@ -120,6 +120,20 @@ def step_ms(fn, device: str, samples: int) -> float:
     return statistics.median(times)
 
 
+def host_ms(fn, device: str, calls: int = 5) -> float:
+    """Median ms the host takes to issue one call without waiting for the GPU (after a sync)."""
+    times = []
+    for _ in range(calls):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - tic))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def first_call_s(fn, device: str) -> float:
     tic = time.perf_counter()
     fn()
@@ -137,7 +151,7 @@ def record(name: str, degree: int, text: str, fn, args, reference=None) -> torch
         warmup = first_call_s(fn, args.device)
         out = fn()[0]
         row = dict(variant=name, degree=degree, text=text, warmup_s=warmup, step_ms=step_ms(fn, args.device, args.samples),
-                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None)
+                   host_ms=host_ms(fn, args.device), peak_gib=torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None)
         if reference is not None:
             row["rel_err"] = ((out.double() - reference.double()).norm() / reference.double().norm()).item()
     ROWS.append(row)
@@ -175,7 +189,7 @@ def single_gpu_rows(model, args, autotune: tuple[bool, ...]) -> None:
         compiled.compile_repeated_blocks(fullgraph=True, backend=args.backend)
         record("diffusers compile_repeated_blocks", 1, "whole", lambda: compiled(**inputs), args, reference)
         del compiled
-    reference = args.reference
+    reference = getattr(args, "reference", None)
     defaults = {name: getattr(inductor, name) for name in fastpath.AUTOTUNE_KNOBS}
     for autotune in autotune:
         if time.time() > args.deadline:
@@ -202,13 +216,15 @@ def ulysses_rank_rows(model, args) -> None:
     originals = dict(model.attn_processors)
     text_total, image_total = args.tokens
     for degree in args.degrees:
-        for text in ("split", "replicated"):
+        for text, mode in args.variants:
             text_local = -(-text_total // degree) if text == "split" else text_total
             model.set_attn_processor({n: EmulatedUlysses(p, degree, text, text_local) for n, p in originals.items()})
-            fastpath.compile_repeated_blocks(model, backend=args.backend)
+            for block in fastpath.repeated_blocks(model):  # as fastpath.compile_repeated_blocks, with `mode`
+                block.compile(fullgraph=True, backend=args.backend, mode=mode)
             inputs = flux_rank_inputs(image_total // degree, text_local, args.device, args.dtype,
                                       model.config.joint_attention_dim, model.config.pooled_projection_dim)
-            record(f"one rank of ulysses={degree}", degree, text, lambda: model(**inputs), args)
+            name = f"one rank of ulysses={degree}" + (", CUDA graphs (reduce-overhead)" if mode else "")
+            record(name, degree, text, lambda: model(**inputs), args)
             for block in fastpath.repeated_blocks(model):
                 block._compiled_call_impl = None  # next degree: eager blocks, recompiled with its shapes
     model.set_attn_processor(originals)
@@ -236,8 +252,8 @@ def comm_ms(degree: int, text: str, config: dict, tokens: tuple[int, int], alpha
     return 1e3 * layers * per_layer
 
 
-def projection(config: dict, tokens: tuple[int, int]) -> tuple[list[dict], float]:
-    best = min(r["step_ms"] for r in ROWS if r["degree"] == 1 and r["variant"] != "diffusers eager")
+def projection(config: dict, tokens: tuple[int, int], baseline_ms: float | None) -> tuple[list[dict], float]:
+    best = baseline_ms or min(r["step_ms"] for r in ROWS if r["degree"] == 1 and r["variant"] != "diffusers eager")
     out = []
     for r in ROWS:
         if r["degree"] == 1:
@@ -251,8 +267,8 @@ def projection(config: dict, tokens: tuple[int, int]) -> tuple[list[dict], float
 
 
 def write(args, config: dict) -> None:
-    projected, best = projection(config, args.tokens)
-    tag = torch.cuda.get_device_name().split()[-1].lower() if args.device == "cuda" else "cpu_tiny"
+    projected, best = projection(config, args.tokens, args.baseline_ms)
+    tag = args.tag or (torch.cuda.get_device_name().split()[-1].lower() if args.device == "cuda" else "cpu_tiny")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch=torch.__version__,
                 tokens=dict(text=args.tokens[0], image=args.tokens[1]), alpha_us=ALPHA * 1e6, beta_gbps=BETA / 1e9)
@@ -261,11 +277,13 @@ def write(args, config: dict) -> None:
              f"torch {torch.__version__}; FLUX.1-dev-sized transformer{' (tiny)' if args.tiny else ''}, "
              f"{args.tokens[1]} image + {args.tokens[0]} text tokens, {args.dtype}.", "",
              f"Command: `{' '.join(sys.argv)}`", "", "## Measured", "",
-             "| variant | W | text | first call s | step ms | peak GiB | rel err |", "|---|---:|---|---:|---:|---:|---:|"]
+             "| variant | W | text | first call s | GPU ms/step | host ms/step | peak GiB | rel err |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in ROWS:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else ""
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
-        lines.append(f"| {r['variant']} | {r['degree']} | {r['text']} | {r['warmup_s']:.1f} | {r['step_ms']:.2f} | {peak} | {err} |")
+        lines.append(f"| {r['variant']} | {r['degree']} | {r['text']} | {r['warmup_s']:.1f} | {r['step_ms']:.2f} | "
+                     f"{r['host_ms']:.2f} | {peak} | {err} |")
     lines += ["", "## Projection", "",
               "step(W) = compute(W) + comm(W); comm(W) = layers x [2 all-to-alls (q/k/v, output)"
               " (+ text all-gather when replicated)] x (alpha + bytes sent per rank / beta);",
@@ -289,6 +307,13 @@ def main() -> None:
     parser.add_argument("--degrees", default="2,4,8")
     parser.add_argument("--samples", type=int, default=7)
     parser.add_argument("--deadline-s", type=float, default=1e9, help="start no autotuned compile after this many seconds")
+    parser.add_argument("--parts", default="single,ulysses,autotune", help="which parts to run (comma-separated)")
+    parser.add_argument("--tag", default=None, help="results file suffix (default: the device)")
+    parser.add_argument("--baseline-ms", type=float, default=None,
+                        help="best single-GPU compiled step for the projection (default: part 1's)")
+    parser.add_argument("--variants", default="split,replicated",
+                        help="per degree: split / replicated text, compiled as parallelize does; split-graphs: "
+                             "split text with CUDA graphs (mode='reduce-overhead')")
     args = parser.parse_args()
     args.deadline = time.time() + args.deadline_s
     args.degrees = [int(d) for d in args.degrees.split(",")]
@@ -296,10 +321,15 @@ def main() -> None:
     args.backend = "inductor" if args.device == "cuda" else "aot_eager"
     args.tokens = (TEXT, IMAGE) if not args.tiny else (8, 64)
     torch._dynamo.config.automatic_dynamic_shapes = False  # each degree compiles for its own static shapes
+    modes = {"split": ("split", None), "replicated": ("replicated", None), "split-graphs": ("split", "reduce-overhead")}
+    args.variants = [modes[v] for v in args.variants.split(",")]
+    parts = args.parts.split(",")
     model = build(args)
-    single_gpu_rows(model, args, autotune=(False,))
-    ulysses_rank_rows(model, args)
-    if args.device == "cuda":  # last: autotuning may compile for minutes
+    if "single" in parts:
+        single_gpu_rows(model, args, autotune=(False,))
+    if "ulysses" in parts:
+        ulysses_rank_rows(model, args)
+    if "autotune" in parts and args.device == "cuda":  # last: autotuning may compile for minutes
         single_gpu_rows(model, args, autotune=(True,))
     write(args, dict(model.config))
 
