@@ -41,6 +41,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from datetime import timedelta  # noqa: E402
+from importlib.metadata import version  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -174,13 +175,12 @@ def xdit_row(settings: dict, device: torch.device, patches: int, reference: torc
     row = {"impl": "xDiT (xfuser)", "config": f"pipefusion_parallel_degree={world},num_pipeline_patch={patches},"
                                               "warmup_steps=1"}
     try:
-        import xfuser
         from xfuser import xFuserArgs, xFuserFluxPipeline
         from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel
         from xfuser.core.distributed import model_parallel_is_initialized
     except Exception as exc:  # noqa: BLE001 - any import failure means: no xDiT row
         return dict(row, skipped=f"`import xfuser` fails ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
-    row["impl"] = f"xDiT (xfuser {getattr(xfuser, '__version__', '?')})"
+    row["impl"] = f"xDiT (xfuser {version('xfuser')})"
     # xDiT's own groups, over the process group this script made (its init reuses it).
     init_distributed_environment(rank=dist.get_rank(), world_size=world)
     if not model_parallel_is_initialized():
