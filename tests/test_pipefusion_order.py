@@ -140,7 +140,8 @@ def _psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
 ])
 def test_pipeline_runs_under_nccl_order(pools, world, name, config):
     steps = 3
-    results = pools(world).run(_run, name, config, steps, True)
+    # timeout: the first job on a fresh pool imports diffusers on every rank (slow on a loaded host).
+    results = pools(world).run(_run, name, config, steps, True, timeout=170.0)
     for result in results:
         assert "deadlock" not in result, result["deadlock"]
     log = results[0]["log"]["device"]
