@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                      help="auto: one GPU per process if there are GPUs, else CPU processes")
     gen.add_argument("--compile", action="store_true",
-                     help="torch.compile the transformer blocks on GPUs (minutes once; pays off over many images, "
-                          "as in a server; one image is faster without)")
+                     help="torch.compile the transformer blocks on GPUs (seconds once; pays off over many images, "
+                          "as in a server)")
     gen.add_argument("-o", "--output", default="out.png", help="image path; several images: out_0.png, out_1.png, ...")
     gen.set_defaults(run=_generate)
 
@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=DTYPES, default="float32")
     bench.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     bench.add_argument("--eager", action="store_true", help="no torch.compile of the blocks (compiled on GPUs by default)")
+    bench.add_argument("--cuda-graphs", action="store_true",
+                       help="replay each step as one CUDA graph under several GPUs too (default: on one GPU only)")
     bench.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
     bench.set_defaults(run=_bench)
 
@@ -140,7 +142,8 @@ def _bench(args: argparse.Namespace) -> int:
                    width=args.width, seed=args.seed)
     if args.true_cfg_scale is not None:
         payload["true_cfg_scale"] = args.true_cfg_scale
-    setup = dict(model=args.model, dtype=args.dtype, compile=False if args.eager else None)
+    setup = dict(model=args.model, dtype=args.dtype, compile=False if args.eager else None,
+                 cuda_graphs=True if args.cuda_graphs else None)
     rows = bench.run_configs(configs, setup, payload, repeats=args.repeats,
                              warmup=args.warmup, device_type=None if args.device == "auto" else args.device)
     print(f"{args.model}, {args.steps} steps, {args.dtype}; generation time on rank 0, median of {args.repeats}")

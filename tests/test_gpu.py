@@ -207,3 +207,52 @@ def test_single_gpu_fast_path_matches_diffusers_in_bf16():
     # eager diffusers; over 2 steps the latents stay within 3% (relative norm).
     rel = (got - expected).norm() / expected.norm()
     assert rel < 3e-2, f"fast path differs from diffusers by {rel:.3g} (relative norm)"
+
+
+# ---- CUDA graphs: a compiled step captured whole and replayed ------------------------------------
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_graphed_compiled_step_matches_eager_for_every_new_input(world1):
+    # What parallelize(..., cuda_graphs=True) runs under sequence parallelism, at degree 1: hooks,
+    # processors, compiled blocks, all in one graph. Each replay must see its own inputs.
+    from ditmesh.models.base import adapter_for
+    from ditmesh.models.tiny import flux_transformer_inputs, tiny_flux_transformer
+    from ditmesh.parallel import fastpath, graphs, sequence
+
+    plain, wrapped = tiny_flux_transformer().to(world1), tiny_flux_transformer().to(world1)
+    config = ParallelConfig()
+    sequence.apply(wrapped, ParallelMesh.build(config), adapter_for(wrapped), config)
+    fastpath.compile_repeated_blocks(wrapped)
+    graphed = graphs.GraphedDenoiser(wrapped)
+    for seed, (height, width) in enumerate([(32, 48), (32, 48), (32, 32), (32, 48)]):
+        torch.manual_seed(seed)
+        kwargs = {k: v.to(world1) if isinstance(v, torch.Tensor) else v
+                  for k, v in flux_transformer_inputs(height=height, width=width).items()}
+        kwargs["hidden_states"] = torch.randn_like(kwargs["hidden_states"])
+        with torch.no_grad():
+            expected, got = plain(**kwargs)[0], graphed(**kwargs)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    assert len(graphed._graphs) == 2  # one graph per input signature, replayed for the repeats
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_nccl_collective_runs_inside_a_cuda_graph(world1):
+    # Multi-GPU graphs hold the Ulysses all-to-alls: a functional NCCL collective captured with
+    # the NCCL watchdog running (thread-local capture), then replayed on new data.
+    import torch.distributed._functional_collectives as fc
+
+    from ditmesh.parallel.graphs import GraphedDenoiser
+
+    group = dist.group.WORLD
+
+    class Exchange(torch.nn.Module):
+        def forward(self, x):
+            y = fc.all_to_all_single(x * 2, None, None, group)
+            return fc.wait_tensor(y) + fc.wait_tensor(fc.all_gather_tensor(x, 0, group))
+
+    graphed = GraphedDenoiser(Exchange())
+    for value in (1.0, 3.0, 5.0):
+        x = torch.full((4, 8), value, device=world1)
+        torch.testing.assert_close(graphed(x), torch.full((4, 8), 3 * value, device=world1))
+    assert len(graphed._graphs) == 1

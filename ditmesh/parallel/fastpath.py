@@ -21,28 +21,27 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ditmesh.models.base import adapter_for
+from ditmesh.models import adapter_for
+from ditmesh.parallel import graphs
 
 _SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def apply_fastpath(pipe: Any, *, compile: bool = True, autotune: bool = False) -> Any:
-    """Speed up a diffusers pipeline (or a bare denoiser) on one CUDA GPU, in place; returns it.
+def apply_fastpath(pipe: Any, *, compile: bool = True, autotune: bool = False, cuda_graphs: bool = True) -> Any:
+    """Speed up a diffusers pipeline (or a bare denoiser) on one CUDA GPU; returns it (a bare
+    denoiser comes back wrapped when `cuda_graphs`).
 
     `compile=False` keeps eager execution (fused QKV and cuDNN attention only). `autotune=True`
     adds inductor's coordinate-descent tuning (slow compile; process-wide inductor settings).
+    `cuda_graphs` replays each step as one captured graph (`ditmesh.parallel.graphs`).
     """
-    denoiser = _denoiser(pipe)
+    adapter = adapter_for(pipe)
+    denoiser = getattr(pipe, adapter.denoiser_attr, pipe)
     fuse_qkv(denoiser)
     prefer_cudnn_attention(denoiser)
     if compile:
         compile_repeated_blocks(denoiser, autotune=autotune)
-    return pipe
-
-
-def _denoiser(pipe: Any) -> torch.nn.Module:
-    adapter = adapter_for(pipe)
-    return getattr(pipe, adapter.denoiser_attr, pipe)
+    return graphs.apply(pipe, adapter) if cuda_graphs else pipe
 
 
 def fuse_qkv(denoiser: torch.nn.Module) -> None:

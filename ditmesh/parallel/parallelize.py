@@ -9,13 +9,13 @@ import torch.distributed as dist
 
 from ditmesh.config import ParallelConfig
 from ditmesh.models import adapter_for
-from ditmesh.parallel import cfg, data, fastpath, sequence, tensor, validate
+from ditmesh.parallel import cfg, data, fastpath, graphs, sequence, tensor, validate
 from ditmesh.parallel.mesh import ParallelMesh
 from ditmesh.parallel.pipefusion import apply_pipefusion
 
 
 def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = None, *, compile: bool | None = None,
-                autotune: bool = False) -> Any:
+                autotune: bool = False, cuda_graphs: bool | None = None) -> Any:
     """Make a diffusers pipeline (or a bare transformer) run under `config` on this rank.
 
     Call it on every rank, after torch.distributed is initialised (`DistributedRunner` does
@@ -28,15 +28,19 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     `torch.compile` of the repeated blocks, collectives included. `compile` overrides the last
     (None: compile on CUDA only; the first forward then compiles, for seconds). `autotune=True`
     adds inductor's coordinate-descent kernel tuning to the compile (many times slower to
-    compile; `benchmarks/scaling.py` measures what it gains).
+    compile; `benchmarks/scaling.py` measures what it gains). `cuda_graphs` replays each denoiser
+    step as one captured CUDA graph (`graphs.py`; None: on a single GPU, where no collective is
+    captured; True also under a process group, which NCCL collectives then run inside).
     """
     if config.world_size == 1 and not dist.is_initialized():
         # One process: on CUDA the single-GPU fast path; on CPU the pipeline as it is.
         if _on_cuda(pipe):
-            return fastpath.apply_fastpath(pipe, compile=compile is not False, autotune=autotune)
+            return fastpath.apply_fastpath(pipe, compile=compile is not False, autotune=autotune,
+                                           cuda_graphs=cuda_graphs is not False)
         return pipe
-    if compile and (config.tensor_degree > 1 or config.pipefusion_degree > 1):
-        raise ValueError("compile=True compiles whole blocks; with tensor_degree or pipefusion_degree > 1 pass compile=None or False")
+    for name, value in (("compile", compile), ("cuda_graphs", cuda_graphs)):
+        if value and (config.tensor_degree > 1 or config.pipefusion_degree > 1):
+            raise ValueError(f"{name}=True needs whole blocks; with tensor_degree or pipefusion_degree > 1 pass {name}=None or False")
     adapter = adapter_for(pipe)
     # 0. validate: every rule that can refuse this config (validate.py), before the mesh's
     #    collectives and any weight change, so all ranks raise the same ValueError and stay usable.
@@ -67,6 +71,10 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     #    all-gather are functional collectives: they sit inside the graphs, no graph break).
     if (cuda if compile is None else compile) and whole:
         fastpath.compile_repeated_blocks(denoiser, autotune=autotune)
+    # 2c. CUDA graphs around the whole denoiser as steps 1-2b left it (hooks, compiled blocks and
+    #    their collectives are captured; cfg and data, which wrap it, stay outside).
+    if (dist.get_world_size() == 1 if cuda_graphs is None else cuda_graphs) and cuda and whole:
+        pipe = graphs.apply(pipe, adapter)
     # 3. pipefusion: split the blocks into stages; takes over the denoising loop. Inside cfg: each
     #    guidance branch runs its own pipeline of stages, exchanging predictions per patch.
     if config.pipefusion_degree > 1:

@@ -36,16 +36,16 @@ class DiffusionWorker(DistributedWorker):
     """Serves text-to-image requests with a parallelized diffusers pipeline on every rank."""
 
     def setup(self, model: str = "tiny-flux", parallel: str | ParallelConfig = "ulysses=2", dtype: str = "float32",
-              compile: bool | None = None) -> None:
+              compile: bool | None = None, cuda_graphs: bool | None = None) -> None:
         """Load `model` (a tiny name or a local diffusers folder) in `dtype` on this rank's device
-        and parallelize it with `parallel` (a `ParallelConfig` or its string form). `compile` is
-        `parallelize`'s (None: compiled on CUDA; the first request then takes minutes)."""
+        and parallelize it with `parallel` (a `ParallelConfig` or its string form). `compile` and
+        `cuda_graphs` are `parallelize`'s (None: compiled on CUDA, graphed on one GPU)."""
         config = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig.parse(parallel)
         config.check_world_size(self.world_size)
         pipe = load_pipeline(model, dtype=dtype, device=self.device)
         self.default_size = TINY_SIZE if model in TINY_PIPELINES else None  # None: the pipeline's own default
         self.info = _model_info(pipe, model, config, dtype, self.default_size)
-        self.pipe = parallelize(pipe, config, compile=compile)
+        self.pipe = parallelize(pipe, config, compile=compile, cuda_graphs=cuda_graphs)
 
     def __call__(
         self,
