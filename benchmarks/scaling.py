@@ -1,5 +1,7 @@
 """PYTHONPATH=$PWD python3 benchmarks/scaling.py --out benchmarks/results   # one GPU (H200), needs diffusers
    PYTHONPATH=$PWD python3 benchmarks/scaling.py --device cpu --tiny         # proves the script on CPU
+   python3 benchmarks/scaling.py --project benchmarks/results/scaling_h200.json \
+       benchmarks/results/scaling_h200_cuda_graphs.json   # -> benchmarks/results/scaling_projection.md
 
 What one rank of ulysses=W computes, measured on one GPU, and the speed-up at W GPUs projected
 from it. Multi-GPU kinds above two are not lent, so 4 and 8 GPUs are projected, not measured.
@@ -321,6 +323,45 @@ def write(args, config: dict) -> None:
     print("\n".join(lines))
 
 
+def project_files(paths: list[Path], out: Path) -> None:
+    """scaling_projection.md from saved measurements: every W > 1 row of every file, projected
+    with the fitted alpha and with alpha = 0 (the bounds of the exchange's cost)."""
+    rows, baseline = [], None
+    for path in paths:
+        data = json.loads(path.read_text())
+        rows += [dict(r, run=path.stem) for r in data["rows"]]
+        single = [r["step_ms"] for r in data["rows"] if r["degree"] == 1 and r["variant"] != "diffusers eager"]
+        baseline = min(single + ([baseline] if baseline else []))
+    from ditmesh.models.flux import FLUX_DEV_CONFIG as config
+
+    lines = ["# Projected speed-up of FLUX.1-dev at 1024² (ulysses=W) from one H200's measurements", "",
+             f"Command: `python3 benchmarks/scaling.py --project {' '.join(str(p) for p in paths)}`", "",
+             "Only 1- and 2-GPU machines are lent, so W = 4 and 8 are projected, not measured:",
+             "", "    step(W) = compute(W) + comm(W)",
+             "    comm(W) = 57 attention layers x [all-to-all(q, k, v) + all-to-all(out) (+ text all-gather over heads when",
+             "              the text is replicated)], each alpha + (W-1)/W x (tokens per rank x 3072 x 2 bytes) / beta",
+             "    speed-up(W) = best single-GPU compiled step / step(W)", "",
+             "compute(W): one rank's step measured on one H200 at the rank's shapes (benchmarks/scaling.py: tokens per",
+             "rank, attention on H/W heads over all tokens; the exchange left out). beta = "
+             f"{BETA / 1e9:.0f} GB/s and alpha = {ALPHA * 1e6:.0f} us are fitted to the P2P hops measured on 2 H200s",
+             "(ring_schedule_h200_x2.md: 25.2 MB in 175.2 us, 100.7 MB in 377.9 us). That alpha includes the eager host",
+             "cost of launching those hops; inside a CUDA graph it is NCCL's own latency, so the true step lies between",
+             "the two speed-up columns. No overlap of exchange and compute is counted.",
+             f"Baseline: best single-GPU compiled step = {baseline:.2f} ms.", "",
+             "Rows of the same config from two runs differ where the host issues the step: a host-bound step's",
+             "GPU time follows the host's pace.", "",
+             "| W | text | step issued as | run | compute ms | comm ms (alpha) | speed-up | speed-up, alpha = 0 |",
+             "|---:|---|---|---|---:|---:|---:|---:|"]
+    tokens = (TEXT, IMAGE)
+    for r in sorted((r for r in rows if r["degree"] > 1), key=lambda r: (r["degree"], r["text"] != "replicated", r["variant"])):
+        comm, comm0 = comm_ms(r["degree"], r["text"], config, tokens), comm_ms(r["degree"], r["text"], config, tokens, alpha=0.0)
+        issued = "one CUDA graph" if "CUDA graph" in r["variant"] else "compiled blocks"
+        lines.append(f"| {r['degree']} | {r['text']} | {issued} | {r['run']} | {r['step_ms']:.2f} | {comm:.2f} | "
+                     f"{baseline / (r['step_ms'] + comm):.2f}x | {baseline / (r['step_ms'] + comm0):.2f}x |")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -330,6 +371,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=7)
     parser.add_argument("--deadline-s", type=float, default=1e9, help="start no autotuned compile after this many seconds")
     parser.add_argument("--parts", default="single,ulysses,autotune", help="which parts to run (comma-separated)")
+    parser.add_argument("--project", nargs="+", type=Path, default=None,
+                        help="only write scaling_projection.md (into --out) from these saved results")
     parser.add_argument("--tag", default=None, help="results file suffix (default: the device)")
     parser.add_argument("--baseline-ms", type=float, default=None,
                         help="best single-GPU compiled step for the projection (default: part 1's)")
@@ -337,6 +380,8 @@ def main() -> None:
                         help="per degree: split / replicated text, compiled as parallelize does; split-graphs: "
                              "split text, the compiled step captured whole in one CUDA graph and replayed")
     args = parser.parse_args()
+    if args.project:
+        return project_files(args.project, args.out / "scaling_projection.md")
     args.deadline = time.time() + args.deadline_s
     args.degrees = [int(d) for d in args.degrees.split(",")]
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
