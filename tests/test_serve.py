@@ -350,6 +350,55 @@ def test_healthz_and_metrics_describe_the_mesh(server):
         assert re.search(rf"^{name}\b", text, re.MULTILINE), name
 
 
+class FakeRunner:
+    """What `MeshQueue` uses of a runner: its state and `restart()`."""
+
+    def __init__(self):
+        self.is_running, self.needs_restart, self.restarted = True, False, 0
+
+    async def restart(self):
+        self.restarted += 1
+        self.is_running, self.needs_restart = True, False
+
+
+def test_mesh_queue_is_fifo_bounded_drops_waiters_that_leave_and_restarts_after_a_death():
+    from ditmesh.runner.protocol import WorkerDied
+    from ditmesh.serve.metrics import Metrics
+    from ditmesh.serve.queue import MeshQueue, MeshUnavailable, QueueFull
+
+    async def scenario():
+        runner = FakeRunner()
+        mesh = MeshQueue(runner, max_queue=2, metrics=Metrics())
+        order, release = [], asyncio.Event()
+
+        async def use(name):
+            async with mesh.turn():
+                order.append(name)
+                await release.wait()
+
+        first = asyncio.ensure_future(use("first"))
+        await asyncio.sleep(0)  # first holds the mesh
+        waiting = [asyncio.ensure_future(use(name)) for name in ("second", "leaves", "third")]
+        await asyncio.sleep(0)
+        assert isinstance(waiting[2].exception(), QueueFull)  # two may wait, the third is refused
+        waiting[1].cancel()  # a client leaves the queue
+        await asyncio.sleep(0)
+        assert mesh.waiting == 1
+        release.set()
+        await asyncio.gather(first, waiting[0])
+        with pytest.raises(MeshUnavailable, match=r"rank 1 died .*restarting"):
+            async with mesh.turn():
+                runner.is_running, runner.needs_restart = False, True
+                raise WorkerDied(1, -9)
+        await asyncio.sleep(0)  # the restart runs in the next turn, here at once
+        await asyncio.sleep(0)
+        return order, runner.restarted, mesh.restarts
+
+    order, restarted, counted = asyncio.run(scenario())
+    assert order == ["first", "second"]  # in arrival order; the one that left never got a turn
+    assert restarted == counted == 1
+
+
 def test_no_polling_sleeps_in_server_code():
     for path in Path(__file__).parents[1].joinpath("ditmesh", "serve").glob("*.py"):
         source = path.read_text()
