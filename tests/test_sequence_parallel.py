@@ -147,8 +147,10 @@ def check_compile_refused_for_tensor():
     from ditmesh import parallelize
 
     model, _ = _tiny("flux", 4, (16, 16), 1)
-    with pytest.raises(ValueError, match="compile=True compiles whole blocks"):
+    with pytest.raises(ValueError, match="compile=True needs whole blocks; with tensor_degree"):
         parallelize(model, ParallelConfig(tensor_degree=2), compile=True)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs whole blocks; .* pass cuda_graphs=None or False"):
+        parallelize(model, ParallelConfig(tensor_degree=2), cuda_graphs=True)
     return not any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
