@@ -1,6 +1,7 @@
 """`ditmesh` command line: ``ditmesh generate`` runs a pipeline on several processes (GPUs);
 ``ditmesh bench`` times the same generation under several parallel configs side by side;
-``ditmesh serve`` serves generation over HTTP (`ditmesh.serve`).
+``ditmesh serve`` serves generation over HTTP (`ditmesh.serve`); ``ditmesh train`` trains a LoRA
+(or the whole transformer) on a folder of images (`ditmesh.training`).
 
     ditmesh generate --model tiny-flux --parallel ulysses=2 -o out.png
     ditmesh generate --model /models/FLUX.1-dev --parallel cfg=2,ulysses=4 \\
@@ -8,6 +9,7 @@
     ditmesh bench --model /models/FLUX.1-dev --parallel serial ulysses=8 ring=8 ring=2,ulysses=4 \\
         --steps 28 --dtype bfloat16 --height 1024 --width 1024 --json bench.json
     ditmesh serve --model tiny-flux --parallel ulysses=2 --port 8000
+    ditmesh train --model tiny-flux --data shapes/ --parallel data=2 --lora-rank 8 --steps 50 -o lora/
 
 One process per rank is spawned through `DistributedRunner` (the product of the parallel degrees;
 NCCL on GPUs, gloo on CPU); rank 0's progress is drawn here and the images are written here.
@@ -110,6 +112,37 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: 1 on CPU)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(run=_serve)
+
+    train = commands.add_parser("train", help="train a LoRA (or the whole transformer) on a folder of images with captions")
+    train.add_argument("--model", default="tiny-flux", help=MODEL_HELP)
+    train.add_argument("--data", required=True, help="folder of images with captions (a .txt beside each, or metadata.jsonl)")
+    train.add_argument("--parallel", default="serial",
+                       help='degrees, e.g. "data=2", "fsdp=4", "data=2,tensor=2", "data=2,ulysses=2", '
+                            '"pipeline=2,microbatches=4,schedule=gpipe" (pipeline, data, fsdp, ring, ulysses, tensor); '
+                            "their product is the number of processes")
+    train.add_argument("-o", "--output", default="lora", help="folder for the LoRA (or model), checkpoints and the cache")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
+    train.add_argument("--batch-size", type=int, default=None, help="examples per step over all ranks (default: one per data/fsdp rank and microbatch)")
+    train.add_argument("--grad-accum", type=int, default=None, help="micro-steps per optimizer step (default 1)")
+    train.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
+    train.add_argument("--optimizer", choices=("adamw", "sgd"), default=None, help="default adamw")
+    train.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
+    train.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 trains every weight (default 16)")
+    train.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    train.add_argument("--lora-targets", nargs="+", default=None,
+                       help="linear layers to adapt, as name suffixes (default attn.to_q attn.to_k attn.to_v attn.to_out.0)")
+    train.add_argument("--mixed-precision", choices=("no", "bf16"), default=None,
+                       help="bf16: frozen weights in bf16 and a bf16 autocast forward; trained weights stay fp32")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
+    train.add_argument("--resolution", type=int, default=None, help="square training size in pixels (default 512; 64 for tiny models)")
+    train.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (default 512; 64 for tiny models)")
+    train.add_argument("--guidance", type=float, default=None, help="guidance fed to guidance-distilled models (default 1)")
+    train.add_argument("--checkpoint-every", type=int, default=None, help="steps between resumable checkpoints (default 0: none)")
+    train.add_argument("--seed", type=int, default=None, help="LoRA init, data order and noise (default 0)")
+    train.add_argument("--cache", default=None, help="where encoded examples are cached (default OUTPUT/cache)")
+    train.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    train.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
+    train.set_defaults(run=_train)
     return parser
 
 
@@ -158,6 +191,14 @@ def _bench(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    _check_model(args.model)
+    _quiet_libraries()
+    from ditmesh.training import command  # torch, diffusers and peft load only for this command
+
+    return command.run(args)
 
 
 def _serve(args: argparse.Namespace) -> int:

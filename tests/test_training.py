@@ -152,6 +152,7 @@ CASES = [  # (world, --parallel, settings)
     (2, "fsdp=2", LORA),
     (2, "tensor=2", FULL),
     (2, "ulysses=2", LORA),
+    (2, "ulysses=2", FULL),
     (2, "ring=2", LORA),
     (2, "pipeline=2", LORA),  # 1F1B, 2 microbatches
     (2, "pipeline=2,schedule=gpipe,microbatches=4", FULL),
@@ -398,10 +399,10 @@ def test_killed_rank_resumes_from_checkpoint_through_runner(shapes, cache, seria
         from safetensors.torch import load_file
 
         ours, theirs = load_file(output / "cache" / name), load_file(cache / name)
-        for key in theirs:
-            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-6)
+        for key in theirs:  # fp32; the encoders saw other batch mates (convolution blocking differs)
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-5)
     with _one_thread():
-        reference = _train_pipeline_model(settings, str(cache))
+        reference = _train_pipeline_model(settings, str(output / "cache"))
     pipe = tiny_pipeline("tiny-flux")
     pipe.load_lora_weights(str(output))
     loaded = {name.replace(".default_0", ".default"): param.detach() for name, param in pipe.transformer.named_parameters()
@@ -416,3 +417,37 @@ def _train_pipeline_model(settings: dict, cache: str) -> dict:
     trainer = _trainer(settings, cache, model=tiny_pipeline("tiny-flux").transformer)
     losses = trainer.train()
     return {"state": trainer.full_state(), "losses": losses}
+
+
+# ---- the command line -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--parallel", "data=2", "--batch-size", "3"], "batch_size 3 does not split over the 2 data x fsdp ranks"),
+    (["--lora-targets", "attn.to_q", "to_x"], r"LoRA target\(s\) to_x match no linear layer"),
+    (["--resolution", "128"], "smaller than the training resolution 128"),
+    (["--parallel", "tensor=3", "--lora-rank", "0"], "valid tensor degrees: 1, 2, 4"),
+    (["--parallel", "cfg=2"], "unknown --parallel key 'cfg'"),
+])
+def test_cli_refuses_bad_input_before_starting_processes(shapes, capsys, extra, message):
+    import multiprocessing
+    import re
+
+    from ditmesh import cli
+
+    assert cli.main(["train", "--data", str(shapes), *extra]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not multiprocessing.active_children()
+
+
+def test_cli_trains_a_lora_diffusers_loads(shapes, tmp_path, capsys):
+    from ditmesh import cli
+
+    output = tmp_path / "lora"
+    code = cli.main(["train", "--model", "tiny-flux", "--data", str(shapes), "--lora-rank", "4", "--steps", "2",
+                     "--batch-size", "2", "--max-sequence-length", str(TEXT_LEN), "--device", "cpu", "-o", str(output)])
+    assert code == 0
+    assert f"wrote {output} (LoRA rank 4, 2 steps, serial: 1 process(es))" in capsys.readouterr().out
+    pipe = tiny_pipeline("tiny-flux")
+    pipe.load_lora_weights(str(output))
+    assert pipe.transformer.peft_config["default_0"].r == 4

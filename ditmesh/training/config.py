@@ -61,8 +61,9 @@ class TrainConfig:
     # ---- optimisation ----
     steps: int = 100
     """Optimizer steps in the whole run."""
-    batch_size: int = 1
-    """Examples per micro-step over all ranks (the global batch; split over data x fsdp ranks)."""
+    batch_size: int | None = None
+    """Examples per micro-step over all ranks (the global batch; split over data x fsdp ranks).
+    None: the smallest that gives every rank work, one example per data x fsdp rank and microbatch."""
     gradient_accumulation: int = 1
     """Micro-steps whose gradients add up to one optimizer step (effective batch = batch_size x this)."""
     lr: float = 1e-4
@@ -95,18 +96,22 @@ class TrainConfig:
 
     # ---- run ----
     checkpoint_every: int = 0
-    """Write a resumable checkpoint every this many steps (0: only at the end of the run)."""
+    """Write a resumable checkpoint every this many steps and at the last (0: none; a run that
+    crashes then starts over)."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept on disk."""
     seed: int = 0
     """Seeds the LoRA initialisation, the data order, and each example's noise and timestep."""
 
     def __post_init__(self) -> None:
+        for name in (*(f"{axis}_degree" for axis in TRAIN_AXES), "steps", "gradient_accumulation", "resolution",
+                     "max_sequence_length", "keep_checkpoints"):
+            _check_positive(name, getattr(self, name))
         if self.microbatches is not None:
             _check_positive("microbatches", self.microbatches)
-        for name in (*(f"{axis}_degree" for axis in TRAIN_AXES), "steps", "batch_size",
-                     "gradient_accumulation", "resolution", "max_sequence_length", "keep_checkpoints"):
-            _check_positive(name, getattr(self, name))
+        if self.batch_size is None:  # resolved here, so the stored config says what ran
+            object.__setattr__(self, "batch_size", self.batch_ranks * self.num_microbatches)
+        _check_positive("batch_size", self.batch_size)
         for name in ("lora_rank", "checkpoint_every", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
         _check_choice("pipeline_schedule", self.pipeline_schedule, SCHEDULES)

@@ -36,6 +36,5 @@ def wrap_ddp(module: nn.Module, mesh: Any, device: torch.device) -> DistributedD
         module,
         process_group=mesh.group("data"),
         device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,  # no buffers change in training (FLUX has none that do)
         gradient_as_bucket_view=True,
     )

@@ -36,10 +36,12 @@ from ditmesh.training.tensor import TensorStrategy
 
 class Trainer:
     """Trains `model` (a diffusers transformer, same weights on every rank) on `dataset`
-    (`data.CachedLatents`) with `config`'s strategy over `mesh` (a `TrainMesh`; None when serial)."""
+    (`data.CachedLatents`) with `config`'s strategy over `mesh` (a `TrainMesh`; None when serial).
+    `strategy` overrides the class `strategy_class(config)` picks (e.g. DDP at one rank, to measure it)."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, dataset: Any, *, mesh: Any = None,
-                 device: torch.device | str | None = None, output: str | Path | None = None):
+                 device: torch.device | str | None = None, output: str | Path | None = None,
+                 strategy: type[Strategy] | None = None):
         self.config, self.mesh, self.dataset = config, mesh, dataset
         self.device = torch.device(device) if device is not None else (mesh.device if mesh else torch.device("cpu"))
         self.output = Path(output) if output is not None else None
@@ -48,7 +50,7 @@ class Trainer:
         check_model(config, model)
         data.check_dataset_size(len(dataset), config.batch_size)
         prepare_model(model, config, self.device)
-        self.strategy = strategy_class(config)(model, config, mesh, recipe_for(model), self.device)
+        self.strategy = (strategy or strategy_class(config))(model, config, mesh, recipe_for(model), self.device)
         self.optimizer = make_optimizer(self.strategy.parameters(), config)
         self.step = 0
         """Optimizer steps done."""
