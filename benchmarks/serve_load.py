@@ -11,9 +11,12 @@ a subprocess of this script (its own event loop and ranks, as `ditmesh serve` ru
 runner and every client run here. At one client nothing queues, so the p50 difference is the
 per-request overhead; with more clients the server runs one request at a time on the mesh while
 direct `invoke`s overlap on the ranks' sockets, so throughput shows what that order costs.
-"in-server" is the server's own time per request from its timings (total - queued - mesh); "CPU
-ms/req" is the CPU time per request of the process calling the runner: this script for `invoke`,
-the server process for HTTP (from /proc, so it holds on a loaded machine where latencies do not).
+"in-server" is the server's own time per request from its timings (total - queued - mesh). "bare
+FastAPI" is a route on the same server with the same body model that answers a fixed body of the
+same size without the runner: what FastAPI + uvicorn + httpx cost on this host by themselves.
+"CPU ms/req" is the CPU time per request of the process calling the runner (this script for
+`invoke`, the server process for HTTP; from /proc, so it holds on a loaded machine where
+latencies do not).
 Prints a table; writes benchmarks/results/serve_load_cpu.json and .md.
 """
 
@@ -36,6 +39,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from ditmesh import DistributedRunner, DistributedWorker
+from ditmesh.serve.schema import GenerationRequest  # module level: FastAPI resolves /bare's annotation here
 
 RESULTS = Path(__file__).parent / "results"
 PATH = "/v1/images/generations"
@@ -88,8 +92,6 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def direct_row(runner: DistributedRunner, clients: int, seconds: float) -> dict:
-    from ditmesh.serve.schema import GenerationRequest
-
     payload = GenerationRequest.model_validate(REQUEST).payload(seed=0, streaming=False)
     cpu = cpu_seconds(os.getpid())
     latencies, wall, _ = await closed_loop(lambda: runner.invoke(payload), clients, seconds)
@@ -97,23 +99,25 @@ async def direct_row(runner: DistributedRunner, clients: int, seconds: float) ->
     return {"rps": round(len(latencies) / wall, 1), **percentiles(latencies), "caller_cpu_ms": round(cpu_ms, 3)}
 
 
-async def http_row(url: str, clients: int, seconds: float, server_pid: int) -> dict:
+async def http_row(url: str, path: str, clients: int, seconds: float, server_pid: int) -> dict:
     import httpx
 
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=clients)) as client:
 
         async def call() -> dict:
-            response = await client.post(PATH, json=REQUEST)
+            response = await client.post(path, json=REQUEST)
             response.raise_for_status()
-            return response.json()["timings"]
+            return response.json().get("timings")
 
         await closed_loop(call, clients, 0.5)  # warm up the connections
         cpu = cpu_seconds(server_pid)
         latencies, wall, timings = await closed_loop(call, clients, seconds)
         cpu_ms = (cpu_seconds(server_pid) - cpu) * 1e3 / len(latencies)
-    in_server = [t["total_s"] - t["queued_s"] - t["mesh_s"] for t in timings]
-    return {"rps": round(len(latencies) / wall, 1), **percentiles(latencies),
-            "in_server_p50_ms": round(statistics.median(in_server) * 1e3, 3), "server_cpu_ms": round(cpu_ms, 3)}
+    row = {"rps": round(len(latencies) / wall, 1), **percentiles(latencies), "server_cpu_ms": round(cpu_ms, 3)}
+    if timings[0] is not None:
+        in_server = [t["total_s"] - t["queued_s"] - t["mesh_s"] for t in timings]
+        row["in_server_p50_ms"] = round(statistics.median(in_server) * 1e3, 3)
+    return row
 
 
 def start_server(world_size: int) -> tuple[subprocess.Popen, str]:
@@ -127,10 +131,27 @@ def start_server(world_size: int) -> tuple[subprocess.Popen, str]:
 
 
 def serve(world_size: int) -> None:
-    from ditmesh.serve import ServeSettings, run_server
+    """The server process: `ditmesh serve`'s app on the null worker, plus ``POST /bare`` (the same
+    body model, a fixed answer of the same size, no runner): FastAPI + uvicorn + httpx on their own."""
+    import uvicorn
+    from fastapi import Response
 
+    from ditmesh.serve import ServeSettings, create_app
+    from ditmesh.serve.app import encode_images
+    from ditmesh.serve.server import listen
+
+    sock = listen("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     runner = DistributedRunner(NullWorker, world_size, device_type="cpu", num_threads=1)
-    run_server(runner, {}, ServeSettings(max_queue=4096), port=0, log_level="warning")
+    app = create_app(runner, {}, ServeSettings(max_queue=4096),
+                     on_ready=lambda info: print(f"ready on {url}", flush=True))
+    answer = json.dumps({"images": encode_images([Image.new("RGB", (64, 64), (12, 34, 56))], "png"), "seed": 0})
+
+    async def bare(body: GenerationRequest) -> Response:
+        return Response(answer, media_type="application/json")
+
+    app.add_api_route("/bare", bare, methods=["POST"])
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", loop="asyncio")).run(sockets=[sock])
 
 
 async def measure(world_size: int, concurrency: list[int], seconds: float, url: str, server_pid: int) -> list[dict]:
@@ -140,21 +161,23 @@ async def measure(world_size: int, concurrency: list[int], seconds: float, url: 
         await direct_row(runner, 1, 0.5)  # warm up
         for clients in concurrency:
             direct = await direct_row(runner, clients, seconds)
-            http = await http_row(url, clients, seconds, server_pid)
-            rows.append({"clients": clients, "invoke": direct, "http": http,
+            http = await http_row(url, PATH, clients, seconds, server_pid)
+            bare = await http_row(url, "/bare", clients, seconds, server_pid)
+            rows.append({"clients": clients, "invoke": direct, "http": http, "bare_fastapi": bare,
                          "overhead_p50_ms": round(http["p50_ms"] - direct["p50_ms"], 3)})
             print(f"  {clients} client(s): invoke p50 {direct['p50_ms']} ms, http p50 {http['p50_ms']} ms", flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| clients | invoke req/s | invoke p50 ms | invoke p99 ms | HTTP req/s | HTTP p50 ms | HTTP p99 ms "
-             "| added p50 ms | in-server p50 ms | CPU ms/req: caller, server |", "|" + " --- |" * 10]
+    lines = ["| clients | invoke req/s | invoke p50 / p99 ms | HTTP req/s | HTTP p50 / p99 ms | added p50 ms "
+             "| in-server p50 ms | bare FastAPI p50 ms | CPU ms/req: invoke caller, server, bare server |",
+             "|" + " --- |" * 9]
     for row in rows:
-        d, h = row["invoke"], row["http"]
-        lines.append(f"| {row['clients']} | {d['rps']} | {d['p50_ms']} | {d['p99_ms']} | {h['rps']} | {h['p50_ms']} "
-                     f"| {h['p99_ms']} | {row['overhead_p50_ms']} | {h['in_server_p50_ms']} "
-                     f"| {d['caller_cpu_ms']}, {h['server_cpu_ms']} |")
+        d, h, b = row["invoke"], row["http"], row["bare_fastapi"]
+        lines.append(f"| {row['clients']} | {d['rps']} | {d['p50_ms']} / {d['p99_ms']} | {h['rps']} "
+                     f"| {h['p50_ms']} / {h['p99_ms']} | {row['overhead_p50_ms']} | {h['in_server_p50_ms']} "
+                     f"| {b['p50_ms']} | {d['caller_cpu_ms']}, {h['server_cpu_ms']}, {b['server_cpu_ms']} |")
     return "\n".join(lines)
 
 
