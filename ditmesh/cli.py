@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
     train.add_argument("--resolution", type=int, default=None, help="square training size in pixels (default 512; 64 for tiny models)")
     train.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (default 512; 64 for tiny models)")
-    train.add_argument("--guidance", type=float, default=None, help="guidance fed to guidance-distilled models (default 1)")
+    train.add_argument("--guidance", type=float, default=None, help="guidance fed to guidance-distilled models (default 3.5)")
     train.add_argument("--checkpoint-every", type=int, default=None, help="steps between resumable checkpoints (default 0: none)")
     train.add_argument("--seed", type=int, default=None, help="LoRA init, data order and noise (default 0)")
     train.add_argument("--cache", default=None, help="where encoded examples are cached (default OUTPUT/cache)")

@@ -45,6 +45,7 @@ def save(output: Path, step: int, strategy: Any, optimizer: torch.optim.Optimize
     # dcp.save returns on the coordinator (rank 0) only after every rank's shards are written.
     if _rank() == 0:
         (tmp / META).write_text(json.dumps({"step": step, "config": config.to_dict()}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)  # a run started over writes the same step again
         os.replace(tmp, final)
         _prune(root, config.keep_checkpoints)
     _barrier()  # nobody starts the next step's checkpoint (or reads this one) before the rename
@@ -69,6 +70,13 @@ def load_latest(output: Path, strategy: Any, optimizer: torch.optim.Optimizer, c
     trained = {name for name, param in module.named_parameters() if param.requires_grad}
     assert not result.unexpected_keys and not trained & set(result.missing_keys), result
     return int(meta["step"])
+
+
+def clear(output: Path) -> None:
+    """Delete every checkpoint under `output` (a run that starts over). Collective."""
+    if _rank() == 0:
+        shutil.rmtree(Path(output) / FOLDER, ignore_errors=True)
+    _barrier()
 
 
 def latest(output: Path) -> Path | None:

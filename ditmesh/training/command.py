@@ -77,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
     result = asyncio.run(_train(config, None if args.device == "auto" else args.device, setup, not args.no_resume))
     kind = f"LoRA rank {config.lora_rank}" if config.lora else "full fine-tune"
     resumed = f", resumed from step {result['resumed_from']}" if result["resumed_from"] else ""
+    loss = "already complete" if result["loss"] is None else f"final loss {result['loss']:.4f}"
     print(f"wrote {result['output']} ({kind}, {result['steps']} steps, {config.parallel_str()}: {config.world_size} "
-          f"process(es){resumed}): final loss {result['loss']:.4f}, {result['seconds']:.1f} s")
+          f"process(es){resumed}): {loss}, {result['seconds']:.1f} s")
     return 0
 
 

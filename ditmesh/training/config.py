@@ -91,8 +91,8 @@ class TrainConfig:
     """Training images are resized (shorter side) and center-cropped to this square size in pixels."""
     max_sequence_length: int = 512
     """Text tokens per caption (T5)."""
-    guidance: float = 1.0
-    """Guidance value fed to guidance-distilled models (FLUX.1-dev) during training."""
+    guidance: float = 3.5
+    """Guidance value fed to guidance-distilled models (FLUX.1-dev) during training (diffusers' default)."""
 
     # ---- run ----
     checkpoint_every: int = 0

@@ -116,6 +116,10 @@ class Trainer:
         """Write a resumable checkpoint of this step under ``output/checkpoints`` (collective)."""
         return checkpoint.save(self._need_output(), self.step, self.strategy, self.optimizer, self.config)
 
+    def start_over(self) -> None:
+        """Delete the output folder's checkpoints, so no later `resume` picks one up (collective)."""
+        checkpoint.clear(self._need_output())
+
     def resume(self) -> int:
         """Continue from the latest complete checkpoint under the output folder, if there is one;
         return the step it restores (0: none). Collective; call before `train`."""

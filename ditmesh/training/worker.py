@@ -59,7 +59,8 @@ class TrainingWorker(DistributedWorker):
                                output=self.output)
 
     def __call__(self, streaming: bool = False, resume: bool = True) -> dict[str, Any] | None:
-        """Train to ``config.steps`` (from the latest checkpoint when `resume`), write the result.
+        """Train to ``config.steps`` from the latest checkpoint (`resume`) or from scratch, deleting
+        the checkpoints (not `resume`); write the result.
 
         Streams ``{"event": "step", "step", "of", "loss", "seconds", "steps_per_s", "examples_per_s"}``
         after each optimizer step; rank 0 also draws a tqdm bar on its stderr. Returns (rank 0)
@@ -68,7 +69,9 @@ class TrainingWorker(DistributedWorker):
         from tqdm import tqdm
 
         started = time.perf_counter()
-        start = self.trainer.resume() if resume else 0
+        if not resume:
+            self.trainer.start_over()
+        start = self.trainer.resume()  # 0 when there is no checkpoint
         bar = tqdm(total=self.config.steps, initial=start, unit="step", desc="train",
                    disable=self.rank != 0 or not self.progress_bar)
 
