@@ -27,6 +27,7 @@ Needs torch, diffusers, peft and safetensors (nothing is downloaded).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -124,6 +125,7 @@ def run_case(strategy_name: str, world: int, settings: Settings, device: torch.d
                          mixed_precision="bf16", resolution=settings.resolution, max_sequence_length=settings.text_len,
                          gradient_checkpointing=settings.gradient_checkpointing)
     cuda = device.type == "cuda"
+    gc.collect()  # the previous case's model, wrappers and optimizer
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -199,7 +201,13 @@ def run_world(world: int, settings: Settings) -> list[dict]:
 
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "rows.pt")
-        mp.spawn(rank_main, args=(world, free_port(), settings, out_path), nprocs=world, join=True)
+        try:  # join=True: one rank failing terminates the others and raises here
+            mp.spawn(rank_main, args=(world, free_port(), settings, out_path), nprocs=world, join=True)
+        except Exception as exc:  # noqa: BLE001 - keep the rows finished before it, report it
+            lines = str(exc).strip().splitlines()
+            print(f"world {world} failed:\n{exc}", flush=True)
+            failed = dict(strategy="(world)", world=world, error=f"failed: {lines[-1] if lines else type(exc).__name__}")
+            return (torch.load(out_path, weights_only=False) if os.path.exists(out_path) else []) + [failed]
         return torch.load(out_path, weights_only=False) if os.path.exists(out_path) else []
 
 

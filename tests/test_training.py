@@ -235,6 +235,22 @@ def test_checkpoint_resume_matches_uninterrupted(pools, serial, cache, tmp_path,
         _assert_matches({**got, "losses": ref["losses"][:1] + got["losses"]}, ref)
 
 
+def _save_full_model(settings: dict, cache: str, folder: str) -> dict:
+    trainer = _trainer(settings, cache)
+    trainer.train()
+    trainer.save(folder)
+    return trainer.full_state()
+
+
+def test_full_fine_tune_saves_a_diffusers_model(pools, cache, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    state = pools(2).run(_save_full_model, {**BASE, **FULL, "steps": 1, "fsdp_degree": 2}, str(cache), str(tmp_path))[0]
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path)
+    for name, param in loaded.named_parameters():
+        assert torch.equal(param, state[name]), name
+
+
 def test_checkpoint_of_another_run_is_refused(cache, tmp_path):
     with _one_thread():
         trainer = _trainer({**BASE, **LORA, "steps": 1, "checkpoint_every": 1}, str(cache), str(tmp_path))

@@ -76,11 +76,16 @@ def save_lora(folder: str | Path, model: nn.Module, state: dict[str, torch.Tenso
 def save_full(folder: str | Path, model: nn.Module, state: dict[str, torch.Tensor]) -> Path:
     """Write a fully fine-tuned denoiser (every weight in `state`) as a diffusers model folder,
     loadable with ``<ModelClass>.from_pretrained(folder)``; return the folder."""
+    import json
+
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_config(folder)
+    config = json.loads(model.to_json_string())
+    # FSDP2 swaps the class for a subclass ("FSDPFluxTransformer2DModel"): name the diffusers class.
+    config["_class_name"] = next(cls.__name__ for cls in type(model).__mro__ if cls.__name__ in adapter_for(model).model_classes)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
     return folder
 
