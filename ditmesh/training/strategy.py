@@ -19,9 +19,16 @@ from typing import Any, ContextManager
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ditmesh.training.config import TrainConfig
 from ditmesh.training.objective import Recipe, flow_matching_example, flow_matching_loss
+
+
+# SDPA kernels for training. Not cuDNN: its backward fails on an H200 at FLUX.1-dev's shapes
+# (torch 2.11: "mha_graph.execute(...).is_good()" in backward; benchmarks/training.py), and the
+# backward runs whichever kernel the forward chose.
+TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Strategy:
@@ -45,7 +52,7 @@ class Strategy:
         micro-step (where gradients are synchronised). Returns the loss (mean over the batch), detached."""
         inputs, target = flow_matching_example(self.recipe, self.base.config, batch, micro_step, self.config.seed,
                                                self.config.guidance, self.device)
-        with self.no_sync(last):
+        with self.no_sync(last), sdpa_kernel(TRAINING_ATTENTION):
             with self.autocast():
                 loss = flow_matching_loss(self.module(**inputs)[0], target)
             (loss / self.config.gradient_accumulation).backward()
