@@ -173,9 +173,9 @@ def test_strategy_matches_serial(pools, serial, cache, world, parallel, settings
     _assert_matches(outs[0], serial(**BASE, **settings))
 
 
-@pytest.mark.parametrize("parallel,settings", [("data=2", LORA), ("fsdp=2", FULL)])
+@pytest.mark.parametrize("parallel,settings", [("data=2", LORA), ("fsdp=2", FULL), ("pipeline=2", FULL)])
 def test_gradient_accumulation_matches_serial(pools, serial, cache, parallel, settings):
-    """Two micro-steps per optimizer step: DDP's no_sync / FSDP2's deferred reduce-scatter."""
+    """Two micro-steps per optimizer step: DDP's no_sync, FSDP2's deferred reduce-scatter, two schedule runs."""
     from ditmesh.training.config import parse_parallel
 
     run = {**BASE, **settings, "gradient_accumulation": 2}

@@ -58,10 +58,13 @@ class PipelineStrategy(Strategy):
             shard(model, mesh, root=self.stage_module)
         self.shared = [self.stage_module.get_parameter(local) for local in shared]  # FSDP's parameter objects
         self.stage = PipelineStage(self.module, index, num_stages, device, group=mesh.group("pipeline"))
-        accumulation = config.gradient_accumulation
-        # Per microbatch the mean loss; the schedule averages the microbatches' gradients (scale_grads).
+        # Each microbatch's mean loss, scaled so that the gradients add up to the mean over the
+        # step's examples. Not the schedule's scale_grads: it divides every gradient the stage
+        # holds after each run, so it would shrink the earlier micro-steps' again.
+        self.loss_scale = config.num_microbatches * config.gradient_accumulation
         self.schedule = SCHEDULES[config.pipeline_schedule](
-            self.stage, config.num_microbatches, loss_fn=lambda out, target: flow_matching_loss(out, target) / accumulation)
+            self.stage, config.num_microbatches, scale_grads=False,
+            loss_fn=lambda out, target: flow_matching_loss(out, target) / self.loss_scale)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], micro_step: int, last: bool) -> torch.Tensor:
         inputs, target = flow_matching_example(self.recipe, self.base.config, batch, micro_step, self.config.seed,
@@ -77,7 +80,7 @@ class PipelineStrategy(Strategy):
             self.schedule.step()
         if not losses:
             return torch.zeros((), device=self.device)
-        return torch.stack(losses).mean().detach() * self.config.gradient_accumulation
+        return torch.stack(losses).mean().detach() * self.loss_scale
 
     def finish_gradients(self) -> None:
         # Modules every stage runs (the time/text embedder) got a partial gradient on each stage.
