@@ -26,6 +26,9 @@ _LAZY = {
     "DiffusionWorker": "ditmesh.runner.diffusion",
     "load_pipeline": "ditmesh.models.loading",
     "tiny_pipeline": "ditmesh.models.tiny",
+    "TrainConfig": "ditmesh.training.config",
+    "Trainer": "ditmesh.training.loop",
+    "TrainingWorker": "ditmesh.training.worker",
 }
 
 __all__ = ["ParallelConfig", *_LAZY]
