@@ -207,7 +207,6 @@ def _serve(args: argparse.Namespace) -> int:
     _quiet_libraries()
     import torch
 
-    from ditmesh.runner.diffusion import DiffusionWorker
     from ditmesh.runner.runner import DistributedRunner
     from ditmesh.serve import ServeSettings, run_server
 
@@ -215,9 +214,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(max_queue=args.max_queue, timeout=args.timeout, api_key=api_key)
     device_type = None if args.device == "auto" else args.device
     on_cpu = device_type == "cpu" or (device_type is None and not torch.cuda.is_available())
-    # One thread per rank on CPU: the ranks and the server share the cores.
-    runner = DistributedRunner(DiffusionWorker, world_size=config.world_size, device_type=device_type,
-                               num_threads=args.threads or (1 if on_cpu else None))
+    # The worker by name: only the ranks import diffusers. One thread per rank on CPU (they share the cores).
+    runner = DistributedRunner("ditmesh.runner.diffusion:DiffusionWorker", world_size=config.world_size,
+                               device_type=device_type, num_threads=args.threads or (1 if on_cpu else None))
     setup = dict(model=args.model, parallel=str(config), dtype=args.dtype, compile=None if args.compile else False)
     run_server(runner, setup, settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
