@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.nn.attention import sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ditmesh.models import adapter_for
@@ -32,7 +33,7 @@ from ditmesh.parallel.pipefusion import keep_stage
 from ditmesh.plans import Patch, StagePlan
 from ditmesh.training.fsdp import gather_full, shard
 from ditmesh.training.objective import flow_matching_example, flow_matching_loss
-from ditmesh.training.strategy import Strategy
+from ditmesh.training.strategy import TRAINING_ATTENTION, Strategy
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -72,12 +73,13 @@ class PipelineStrategy(Strategy):
         args = [inputs[name] for name in self.recipe.batch_inputs if inputs.get(name) is not None]
         self.stage_module.set_inputs(self.recipe, inputs)  # ids: no batch dim, so not split into microbatches
         losses: list[torch.Tensor] = []
-        if self.stage.is_first:
-            self.schedule.step(*args)  # every rank of the data group holds the same batch; stage 0 feeds it
-        elif self.stage.is_last:
-            self.schedule.step(target=target, losses=losses)
-        else:
-            self.schedule.step()
+        with sdpa_kernel(TRAINING_ATTENTION):  # the schedule runs the forwards and the backwards
+            if self.stage.is_first:
+                self.schedule.step(*args)  # every rank of the data group holds the same batch; stage 0 feeds it
+            elif self.stage.is_last:
+                self.schedule.step(target=target, losses=losses)
+            else:
+                self.schedule.step()
         if not losses:
             return torch.zeros((), device=self.device)
         return torch.stack(losses).mean().detach() * self.loss_scale
