@@ -143,6 +143,32 @@ def _assert_matches(result: dict, reference: dict, tol: float = TOL) -> None:
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=tol, atol=0)
 
 
+# ---- the objective: the loss falls (first: in-process, while the pools start) ----------------
+
+
+def _eval_loss(model, dataset, guidance: float) -> float:
+    """Loss over the whole dataset with fixed noise and times (micro-steps no training run reaches)."""
+    from torch.utils.data import default_collate
+
+    batch = default_collate([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        losses = [flow_matching_loss(model(**inputs)[0], target)
+                  for inputs, target in (flow_matching_example(FLUX, model.config, batch, 10**9 + k, 0, guidance, torch.device("cpu"))
+                                         for k in range(2))]
+    return torch.stack(losses).mean().item()
+
+
+@pytest.mark.usefixtures("pools")  # the session's rank pools start in the background meanwhile
+def test_loss_decreases(cache):
+    with _one_thread():
+        trainer = _trainer({**BASE, "lora_rank": 8, "optimizer": "adamw", "lr": 1e-2, "steps": 20}, str(cache))
+        before = _eval_loss(trainer.strategy.base, trainer.dataset, trainer.config.guidance)
+        losses = trainer.train()
+        after = _eval_loss(trainer.strategy.base, trainer.dataset, trainer.config.guidance)
+    assert after < 0.9 * before, (before, after)
+    assert sum(losses[-5:]) < sum(losses[:5]), losses
+
+
 # ---- equivalence with the serial run ---------------------------------------------------------
 
 CASES = [  # (world, --parallel, settings)
@@ -262,29 +288,7 @@ def test_checkpoint_of_another_run_is_refused(cache, tmp_path):
     assert other.resume() == 0
 
 
-# ---- the objective --------------------------------------------------------------------------
-
-
-def _eval_loss(model, dataset, guidance: float) -> float:
-    """Loss over the whole dataset with fixed noise and times (micro-steps no training run reaches)."""
-    from torch.utils.data import default_collate
-
-    batch = default_collate([dataset[i] for i in range(len(dataset))])
-    with torch.no_grad():
-        losses = [flow_matching_loss(model(**inputs)[0], target)
-                  for inputs, target in (flow_matching_example(FLUX, model.config, batch, 10**9 + k, 0, guidance, torch.device("cpu"))
-                                         for k in range(2))]
-    return torch.stack(losses).mean().item()
-
-
-def test_loss_decreases(cache):
-    with _one_thread():
-        trainer = _trainer({**BASE, "lora_rank": 8, "optimizer": "adamw", "lr": 1e-2, "steps": 20}, str(cache))
-        before = _eval_loss(trainer.strategy.base, trainer.dataset, trainer.config.guidance)
-        losses = trainer.train()
-        after = _eval_loss(trainer.strategy.base, trainer.dataset, trainer.config.guidance)
-    assert after < 0.9 * before, (before, after)
-    assert sum(losses[-5:]) < sum(losses[:5]), losses
+# ---- noise and batches ----------------------------------------------------------------------
 
 
 def test_noise_depends_on_example_and_step_only():
