@@ -11,9 +11,11 @@ a subprocess of this script (its own event loop and ranks, as `ditmesh serve` ru
 runner and every client run here. At one client nothing queues, so the p50 difference is the
 per-request overhead; with more clients the server runs one request at a time on the mesh while
 direct `invoke`s overlap on the ranks' sockets, so throughput shows what that order costs.
-"in-server" is the server's own time per request from its timings (total - queued - mesh). "bare
-FastAPI" is a route on the same server with the same body model that answers a fixed body of the
-same size without the runner: what FastAPI + uvicorn + httpx cost on this host by themselves.
+"in-server" is the server's own time per request from its timings (total - queued - mesh). "bare"
+is a route on the same server with the same body model that answers a fixed body of the same
+size without the runner: what FastAPI + uvicorn + httpx cost on this host by themselves;
+"bare+invoke" is that route calling `runner.invoke` first (no queue, checks, encoding, metrics):
+the full route minus it is ditmesh's own handling.
 "CPU ms/req" is the CPU time per request of the process calling the runner (this script for
 `invoke`, the server process for HTTP; from /proc, so it holds on a loaded machine where
 latencies do not).
@@ -150,7 +152,12 @@ def serve(world_size: int) -> None:
     async def bare(body: GenerationRequest) -> Response:
         return Response(answer, media_type="application/json")
 
+    async def bare_invoke(body: GenerationRequest) -> Response:
+        await runner.invoke(body.payload(seed=0, streaming=False))
+        return Response(answer, media_type="application/json")
+
     app.add_api_route("/bare", bare, methods=["POST"])
+    app.add_api_route("/bare-invoke", bare_invoke, methods=["POST"])
     uvicorn.Server(uvicorn.Config(app, log_level="warning", loop="asyncio")).run(sockets=[sock])
 
 
@@ -163,7 +170,9 @@ async def measure(world_size: int, concurrency: list[int], seconds: float, url: 
             direct = await direct_row(runner, clients, seconds)
             http = await http_row(url, PATH, clients, seconds, server_pid)
             bare = await http_row(url, "/bare", clients, seconds, server_pid)
+            bare_invoke = await http_row(url, "/bare-invoke", clients, seconds, server_pid)
             rows.append({"clients": clients, "invoke": direct, "http": http, "bare_fastapi": bare,
+                         "bare_fastapi_invoke": bare_invoke,
                          "overhead_p50_ms": round(http["p50_ms"] - direct["p50_ms"], 3)})
             print(f"  {clients} client(s): invoke p50 {direct['p50_ms']} ms, http p50 {http['p50_ms']} ms", flush=True)
     return rows
@@ -171,13 +180,14 @@ async def measure(world_size: int, concurrency: list[int], seconds: float, url: 
 
 def table(rows: list[dict]) -> str:
     lines = ["| clients | invoke req/s | invoke p50 / p99 ms | HTTP req/s | HTTP p50 / p99 ms | added p50 ms "
-             "| in-server p50 ms | bare FastAPI p50 ms | CPU ms/req: invoke caller, server, bare server |",
+             "| in-server p50 ms | bare / bare+invoke p50 ms | CPU ms/req: caller; server, bare, bare+invoke |",
              "|" + " --- |" * 9]
     for row in rows:
-        d, h, b = row["invoke"], row["http"], row["bare_fastapi"]
+        d, h, b, bi = row["invoke"], row["http"], row["bare_fastapi"], row["bare_fastapi_invoke"]
         lines.append(f"| {row['clients']} | {d['rps']} | {d['p50_ms']} / {d['p99_ms']} | {h['rps']} "
                      f"| {h['p50_ms']} / {h['p99_ms']} | {row['overhead_p50_ms']} | {h['in_server_p50_ms']} "
-                     f"| {b['p50_ms']} | {d['caller_cpu_ms']}, {h['server_cpu_ms']}, {b['server_cpu_ms']} |")
+                     f"| {b['p50_ms']} / {bi['p50_ms']} | {d['caller_cpu_ms']}; {h['server_cpu_ms']}, "
+                     f"{b['server_cpu_ms']}, {bi['server_cpu_ms']} |")
     return "\n".join(lines)
 
 

@@ -68,7 +68,8 @@ class MeshQueue:
             self.metrics.sent.inc()
             yield self.runner
         except TimeoutError:
-            self.restart_soon(stale=True)  # the ranks cannot be interrupted: a stuck mesh would block every later turn
+            # The ranks cannot be interrupted: stuck on this request, they would block every later turn.
+            self.restart_soon(stale=True)
             raise
         except (WorkerDied, RunnerBroken, RemoteError) as error:
             if not self.runner.needs_restart:
@@ -90,7 +91,7 @@ class MeshQueue:
             self._restart_task = asyncio.get_running_loop().create_task(self._restart_in_turn())
 
     async def close(self) -> None:
-        """Refuse new turns and stop a pending restart (the caller then stops the runner)."""
+        """No more restarts (shutdown): a pending one is cancelled; the caller then stops the runner."""
         self.closed = True
         if self._restart_task is not None:
             self._restart_task.cancel()
@@ -116,8 +117,9 @@ class MeshQueue:
         try:
             await self.runner.restart()
         except Exception as error:
-            raise MeshUnavailable(f"the ranks did not restart ({type(error).__name__}: {str(error).splitlines()[0]}); "
-                                  "retry later, and see the server's log") from error
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            message = f"the ranks did not restart ({reason}); retry later, and read the server's log"
+            raise MeshUnavailable(message) from error
 
     def _count_waiting(self, change: int) -> None:
         self.waiting += change
