@@ -220,13 +220,17 @@ def single_gpu_rows(model, args, autotune: tuple[bool, ...]) -> None:
             print(f"skipped (past --deadline-s): ditmesh fast path, autotune={autotune}", flush=True)
             continue
         ours = copy.deepcopy(model)
-        fastpath.apply_fastpath(ours, compile=False)
+        fastpath.apply_fastpath(ours, compile=False, cuda_graphs=False)
         fastpath.compile_repeated_blocks(ours, autotune=autotune, backend=args.backend)
         name = "ditmesh fast path" + (" + autotune (coordinate descent)" if autotune else "")
         record(name, 1, "whole", lambda ours=ours: ours(**inputs), args, reference)
         del ours
         for knob, value in defaults.items():
             setattr(inductor, knob, value)
+        if not autotune and args.device == "cuda":  # what parallelize(model, ParallelConfig()) returns on one GPU
+            graphed = fastpath.apply_fastpath(copy.deepcopy(model))
+            record("ditmesh fast path + CUDA graphs (the default)", 1, "whole", lambda: graphed(**inputs), args, reference)
+            del graphed
 
 
 def ulysses_rank_rows(model, args) -> None:
@@ -373,6 +377,7 @@ def main() -> None:
     parser.add_argument("--parts", default="single,ulysses,autotune", help="which parts to run (comma-separated)")
     parser.add_argument("--project", nargs="+", type=Path, default=None,
                         help="only write scaling_projection.md (into --out) from these saved results")
+    parser.add_argument("--image-tokens", type=int, default=None, help="image tokens (default 4096: 1024²; 1024: 512²)")
     parser.add_argument("--tag", default=None, help="results file suffix (default: the device)")
     parser.add_argument("--baseline-ms", type=float, default=None,
                         help="best single-GPU compiled step for the projection (default: part 1's)")
@@ -386,7 +391,7 @@ def main() -> None:
     args.degrees = [int(d) for d in args.degrees.split(",")]
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     args.backend = "inductor" if args.device == "cuda" else "aot_eager"
-    args.tokens = (TEXT, IMAGE) if not args.tiny else (8, 64)
+    args.tokens = (TEXT, args.image_tokens or IMAGE) if not args.tiny else (8, 64)
     torch._dynamo.config.automatic_dynamic_shapes = False  # each degree compiles for its own static shapes
     modes = {"split": ("split", False), "replicated": ("replicated", False), "split-graphs": ("split", True)}
     args.variants = [modes[v] for v in args.variants.split(",")]
