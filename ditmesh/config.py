@@ -7,6 +7,7 @@ A config is plain frozen data: it knows nothing about torch.distributed. The mes
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 # Mesh axes, outer -> inner. The axes that talk most (tensor, ulysses) sit innermost so their
@@ -73,10 +74,7 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         """Number of processes (GPUs) this config needs: the product of the degrees."""
-        size = 1
-        for degree in self.degrees.values():
-            size *= degree
-        return size
+        return math.prod(self.degrees.values())
 
     @property
     def sequence_degree(self) -> int:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ditmesh.parallel.comm import all_gather
-from ditmesh.parallel.data import PipelineWrapper
+from ditmesh.parallel.data import DenoiserWrapper, PipelineWrapper
 from ditmesh.parallel.mesh import ParallelMesh
 
 CFG_MODES = ("batched", "sequential")
@@ -47,15 +47,14 @@ def apply(pipe: Any, mesh: ParallelMesh, adapter: Any, config: Any) -> Any:
     return CFGPipeline(pipe, denoiser, adapter)
 
 
-class CFGDenoiser(nn.Module):
+class CFGDenoiser(DenoiserWrapper):
     """Wraps a denoiser so each cfg rank computes one guidance branch; same forward signature.
 
     Inactive (a plain pass-through) outside `CFGPipeline` calls with guidance on.
     """
 
     def __init__(self, denoiser: nn.Module, mesh: ParallelMesh, mode: str):
-        super().__init__()
-        self.inner = denoiser
+        super().__init__(denoiser)
         self._group = mesh.group("cfg")
         self._cfg_rank = mesh.rank("cfg")
         self._mode = mode
@@ -78,14 +77,6 @@ class CFGDenoiser(nn.Module):
         if self._mode == "batched":
             return self._batched(args, kwargs)
         return self._sequential(args, kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "inner":
-                raise
-            return getattr(self.inner, name)
 
     # ---- batched: [uncond, cond] in one call ------------------------------------------------
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ditmesh.parallel.mesh import ParallelMesh
 
@@ -32,6 +33,23 @@ from ditmesh.parallel.mesh import ParallelMesh
 def apply(pipe: Any, mesh: ParallelMesh, adapter: Any, config: Any) -> Any:
     """Split the images of each call of `pipe` across the data axis; returns the wrapped pipeline."""
     return DataParallelPipeline(pipe, mesh, adapter)
+
+
+class DenoiserWrapper(nn.Module):
+    """A denoiser stand-in: subclasses override `forward`; every other attribute (config, dtype,
+    cache_context, ...) reaches the wrapped denoiser `inner`, so pipelines use it as the denoiser."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.inner = denoiser
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "inner":
+                raise
+            return getattr(self.inner, name)
 
 
 class PipelineWrapper:

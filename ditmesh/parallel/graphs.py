@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ditmesh.parallel.data import DenoiserWrapper
+
 WARMUP_CALLS = 2  # before capture: the first compiles, the second runs what will be captured
 
 
@@ -34,7 +36,7 @@ class _Graph:
     output: Any
 
 
-class GraphedDenoiser(nn.Module):
+class GraphedDenoiser(DenoiserWrapper):
     """Wraps a denoiser so each forward on CUDA replays a captured CUDA graph; same signature.
 
     Every attribute other than the wrapper's own reaches the wrapped denoiser (config, dtype,
@@ -44,18 +46,9 @@ class GraphedDenoiser(nn.Module):
     """
 
     def __init__(self, denoiser: nn.Module):
-        super().__init__()
-        self.inner = denoiser
+        super().__init__(denoiser)
         self._graphs: dict[Any, _Graph] = {}
         self._pool = None  # one memory pool shared by this denoiser's graphs (one per signature)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "inner":
-                raise
-            return getattr(self.inner, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))

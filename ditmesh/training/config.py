@@ -13,6 +13,7 @@ of blocks, fed `microbatches` at a time). The product of the degrees is the worl
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ditmesh.config import ParallelConfig
@@ -167,10 +168,7 @@ class TrainConfig:
     @property
     def world_size(self) -> int:
         """Processes (GPUs) this run needs: the product of the degrees."""
-        size = 1
-        for degree in self.degrees.values():
-            size *= degree
-        return size
+        return math.prod(self.degrees.values())
 
     @property
     def batch_ranks(self) -> int:
