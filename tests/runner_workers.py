@@ -9,7 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ditmesh import DistributedWorker
+from ditmesh import DistributedWorker, RequestCancelled
 
 
 class EchoWorker(DistributedWorker):
@@ -70,3 +70,26 @@ class CudaWorker(DistributedWorker):
         self.add_streaming_result({"tensor": tensor})
         return {"backend": dist.get_backend(), "device": str(self.device),
                 "current_device": torch.cuda.current_device(), "tensor": tensor}
+
+
+class StepsWorker(DistributedWorker):
+    """Runs up to `steps` collective steps, checking `cancel_requested` after each, as a denoising
+    loop does; ``report=True`` answers how many steps every rank ran in the previous request."""
+
+    def setup(self) -> None:
+        self.ran = 0
+
+    def __call__(self, streaming: bool = False, steps: int = 0, report: bool = False) -> object:
+        if report:
+            counts = [None] * self.world_size
+            dist.all_gather_object(counts, self.ran)
+            return {"ran": counts}
+        self.ran = 0
+        for step in range(steps):
+            total = torch.ones(1)
+            dist.all_reduce(total)  # a rank that stopped a step early would leave the others here
+            self.ran = step + 1
+            self.add_streaming_result({"step": step})
+            if self.cancel_requested():
+                raise RequestCancelled(f"stopped after step {step + 1}")
+        return {"ran": self.ran}

@@ -106,3 +106,21 @@ def test_diffusion_worker_streams_and_matches_serial():
     assert text[-1].startswith("data: ") and "data:image/png;base64," in text[-1]
     assert error is not None and error.exc_type.endswith("ValueError")
     assert "height 100 is not a multiple of 16 (sd3); use 96 or 112" in error.message
+
+
+def test_diffusion_worker_stops_after_the_step_at_which_cancel_is_requested(monkeypatch):
+    from ditmesh import RequestCancelled
+    from ditmesh.runner.diffusion import DiffusionWorker
+
+    worker = DiffusionWorker()
+    worker._device = torch.device("cpu")
+    worker.setup(model="tiny-flux", parallel="serial")
+    calls = []
+    worker.pipe.transformer.register_forward_hook(lambda *_: calls.append(1))
+    checks = iter([False, True])  # the caller gives up during the second step
+    monkeypatch.setattr(worker, "cancel_requested", lambda: next(checks))
+    with pytest.raises(RequestCancelled, match="stopped after step 2 of 5"):
+        worker(prompt="a cat", steps=5, height=32, width=32)
+    assert len(calls) == 2  # no denoising step after the cancel
+    monkeypatch.setattr(worker, "cancel_requested", lambda: False)
+    assert worker(prompt="a cat", steps=2, height=32, width=32)["images"][0].size == (32, 32)

@@ -251,6 +251,45 @@ def test_cancelled_invoke_and_abandoned_stream_leave_runner_usable(loop, runners
     assert items[0]["step"] == 0 and items[1] == "next" and items[2]["echo"] == "next"
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_given_up_requests_stop_on_every_rank_after_the_same_step(loop, world_size):
+    """A stream left early, a cancelled invoke and a timed-out invoke each stop at the ranks'
+    next `cancel_requested` (all ranks after the same step), and the next request runs at once."""
+    steps = 1_000_000  # hours of steps: finishing one would fail the test by its hang guard
+    runner = DistributedRunner(runner_workers.StepsWorker, world_size, device_type="cpu", num_threads=1)
+
+    async def ran_before() -> list[int]:
+        return (await runner.invoke({"report": True}, timeout=30))["ran"]
+
+    async def give_up_three_ways() -> list[list[int]]:
+        await runner.start()
+        ran = []
+        stream = runner.stream({"steps": steps}, as_text_events=False)
+        async for event in stream:
+            if event["step"] == 2:
+                break
+        await stream.aclose()
+        ran.append(await ran_before())
+        task = asyncio.ensure_future(runner.invoke({"steps": steps}))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        ran.append(await ran_before())
+        with pytest.raises(TimeoutError, match="asked to stop it"):
+            await runner.invoke({"steps": steps}, timeout=0.05)
+        ran.append(await ran_before())
+        ran.append([(await runner.invoke({"steps": 3}, timeout=30))["ran"]])
+        return ran
+
+    try:
+        left, cancelled, timed_out, whole = loop.run_until_complete(give_up_three_ways())
+    finally:
+        loop.run_until_complete(runner.stop())
+    for counts in (left, cancelled, timed_out):
+        assert len(set(counts)) == 1, counts  # every rank stopped after the same step
+        assert 0 < counts[0] < steps
+    assert left[0] >= 3 and whole == [3]
+
+
 # ---------------------------------------------------------------- payloads and results
 
 

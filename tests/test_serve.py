@@ -245,8 +245,8 @@ def test_client_disconnects_free_the_mesh_and_a_full_queue_answers_429(server):
     async def scenario():
         async with server.async_client(limits=httpx.Limits(max_connections=64)) as client:
             # A long stream holds the mesh; its client reads one step event and goes away.
-            # 50 steps outlast what follows (about 1 s on an idle machine): the ranks finish them after the
-            # client left (they cannot be interrupted mid-generation), then serve the queue.
+            # 50 steps outlast what follows (about 1 s on an idle machine); once the client leaves, the
+            # ranks stop it after the step they are in, then serve the queue.
             holder = dict(BASE, steps=50, seed=1)
             async with client.stream("POST", PATH, json=holder, headers={"Accept": "text/event-stream"}) as stream:
                 lines = stream.aiter_lines()

@@ -26,6 +26,7 @@ from ditmesh.models import adapter_for
 from ditmesh.models.loading import load_pipeline
 from ditmesh.models.tiny import TINY_PIPELINES, TINY_SIZE
 from ditmesh.parallel.parallelize import parallelize
+from ditmesh.runner.protocol import RequestCancelled
 from ditmesh.runner.worker import DistributedWorker
 
 PREVIEW_SIZE = 64
@@ -64,7 +65,9 @@ class DiffusionWorker(DistributedWorker):
     ) -> dict[str, Any] | None:
         """Generate `num_images` images per prompt; returns ``{"images": [PIL...], "seed", "seconds"}``
         on rank 0 (None elsewhere). Streaming sends ``{"step": i, "of": steps}`` after each step,
-        with ``"preview"`` (a small PIL image of the latents) when `preview` is set. Other keyword
+        with ``"preview"`` (a small PIL image of the latents) when `preview` is set. A request its
+        caller gives up stops after the current step on every rank (`RequestCancelled`); under
+        PipeFusion, whose first step runs the whole pipelined trajectory, after that. Other keyword
         arguments go to the pipeline call as they are (e.g. ``true_cfg_scale`` for FLUX).
 
         ``describe=True`` generates nothing and returns what requests are checked against
@@ -86,19 +89,26 @@ class DiffusionWorker(DistributedWorker):
             call["negative_prompt"] = negative_prompt
         if guidance is not None:
             call["guidance_scale"] = guidance
-        if streaming:
-            call["callback_on_step_end"] = self._progress(steps, preview, call["height"], call["width"])
+        call["callback_on_step_end"] = self._after_step(steps, streaming and self.rank == 0,
+                                                        preview, call["height"], call["width"])
         out = self.pipe(**call)
         if self.rank != 0:
             return None
         return {"images": out.images, "seed": seed, "seconds": time.perf_counter() - started}
 
-    def _progress(self, steps: int, preview: bool, height: int | None, width: int | None) -> Any:
+    def _after_step(self, steps: int, streaming: bool, preview: bool, height: int | None,
+                    width: int | None) -> Any:
+        """The pipeline's step-end callback: stop if the caller gave up (every rank checks at every
+        step, so all stop after the same one), else send the progress event when streaming."""
+
         def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-            event: dict[str, Any] = {"step": step + 1, "of": steps}
-            if preview and "latents" in callback_kwargs:
-                event["preview"] = latent_preview(callback_kwargs["latents"], height, width)
-            self.add_streaming_result(event, as_text_event=True)
+            if self.cancel_requested():
+                raise RequestCancelled(f"the caller gave up the request; stopped after step {step + 1} of {steps}")
+            if streaming:
+                event: dict[str, Any] = {"step": step + 1, "of": steps}
+                if preview and "latents" in callback_kwargs:
+                    event["preview"] = latent_preview(callback_kwargs["latents"], height, width)
+                self.add_streaming_result(event, as_text_event=True)
             return callback_kwargs
 
         return on_step_end

@@ -68,6 +68,11 @@ class WorkerDied(RuntimeError):
         super().__init__(f"worker rank {rank} died ({how}); call `await runner.restart()` to respawn all ranks")
 
 
+class RequestCancelled(Exception):
+    """A worker stops a request its caller gave up: raise it when
+    `DistributedWorker.cancel_requested` says so (on every rank, as they all get the same answer)."""
+
+
 class RunnerBroken(RuntimeError):
     """The runner lost a rank or has ranks stuck in a collective; `await runner.restart()` fixes it."""
 

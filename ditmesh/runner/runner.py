@@ -190,7 +190,8 @@ class DistributedRunner:
 
         Raises `RemoteError` if any rank raised, `WorkerDied` if a rank died, `TimeoutError` after
         `timeout` seconds (default: the runner's `timeout`), `TypeError`/`ValueError` for a payload
-        that is not a dict of picklable values (before anything is sent).
+        that is not a dict of picklable values (before anything is sent). A call cancelled or
+        timed out tells the ranks to stop the request (see `DistributedWorker.cancel_requested`).
         """
         body = _encode_payload(payload)
         await self._start_if_auto()
@@ -206,7 +207,8 @@ class DistributedRunner:
         With `as_text_events` every item is an SSE frame, ``"data: <json>\\n\\n"`` (images as
         base64 data URIs, tensors as lists), ready for a ``text/event-stream`` response; without,
         the Python objects. Errors as in `invoke`, raised from the iteration; `timeout` bounds
-        the whole stream. Leaving the loop early abandons the request (its rest is discarded).
+        the whole stream. Leaving the loop early abandons the request: its rest is discarded and
+        the ranks are told (see `DistributedWorker.cancel_requested`).
         """
         body = _encode_payload(payload)  # bad payloads fail here, before iteration
         return self._stream(body, as_text_events, self._timeout(timeout))
@@ -223,7 +225,8 @@ class DistributedRunner:
             result = protocol.decode(request.future.result())  # raises the request's error
             yield protocol.to_text_event(result, self.image_format) if as_text else result
         finally:
-            request.abandoned = not request.future.done()
+            if not request.future.done():
+                self._abandon(request)
 
     async def _next_event(self, request: _Request, deadline: float | None, timeout: float | None) -> Any:
         remaining = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
@@ -260,10 +263,22 @@ class DistributedRunner:
         try:
             return await asyncio.wait_for(request.future, timeout)
         except TimeoutError:
-            raise TimeoutError(f"request {request.id} did not finish within {timeout} s; it keeps running "
-                               "on the workers and its late result will be discarded") from None
+            raise TimeoutError(f"request {request.id} did not finish within {timeout} s; the workers are asked to "
+                               "stop it (where they check `cancel_requested`) and its late result will be "
+                               "discarded") from None
         finally:
-            request.abandoned = not request.future.done() or request.future.cancelled()
+            if not request.future.done() or request.future.cancelled():
+                self._abandon(request)
+
+    def _abandon(self, request: _Request) -> None:
+        """Nobody waits for `request` any more: drop its events and result, and tell the ranks, which
+        stop it where their worker checks `cancel_requested` (a worker that never checks finishes it)."""
+        request.abandoned = True
+        if self._state != "running" or self._requests.get(request.id) is not request:
+            return
+        message = protocol.pack(("cancel", request.id))
+        for rank in range(self.world_size):  # a rank that is gone: its death is noticed through its sentinel
+            self._socket.send_multipart([rank_identity(rank), *message]).add_done_callback(_mark_retrieved)
 
     def _check_running(self) -> None:
         if self._state == "running":

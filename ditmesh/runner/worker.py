@@ -21,6 +21,7 @@ worker and answers requests from the runner's socket until told to stop.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import multiprocessing
 import multiprocessing.connection
@@ -50,6 +51,7 @@ class DistributedWorker:
     _channel: _Channel | None = None
     _request_id: int | None = None
     _streaming: bool = False
+    _gloo_group: Any = None
 
     def setup(self, **kwargs: Any) -> None:
         """Called once per rank with `DistributedRunner.start`'s keyword arguments."""
@@ -97,9 +99,49 @@ class DistributedWorker:
         """``print`` with a ``[rank N]`` prefix, flushed at once."""
         print(f"[rank {self._rank}] {message}", flush=True)
 
+    def cancel_requested(self) -> bool:
+        """Whether the caller has given up the current request: it cancelled or timed out its
+        `invoke`, or left its `stream` early. Check it between units of work (e.g. after each
+        denoising step) and stop there, by raising `RequestCancelled`, so the ranks move on to the
+        next request instead of finishing one nobody waits for.
+
+        A collective: every rank must call it at the same points of a request, and every rank gets
+        the same answer (the ranks' local flags are max-reduced), so all of them stop at the same
+        point and no collective is left half-entered. The reduction is one number on a CPU (gloo)
+        group: it never synchronises a GPU. Outside a request it is False and communicates nothing.
+        """
+        if self._channel is None or self._request_id is None:
+            return False
+        local = self._channel.was_cancelled(self._request_id)
+        if self._world_size == 1:
+            return local
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(local)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cancel_group())
+        return bool(flag.item())
+
+    def _cancel_group(self) -> Any:
+        """A gloo group over all ranks (the default group when it is gloo), made at the first
+        `cancel_requested`: every rank is at the same call then, as `new_group` needs."""
+        import torch.distributed as dist
+
+        if dist.get_backend() == "gloo":
+            return None
+        if self._gloo_group is None:
+            self._gloo_group = dist.new_group(backend="gloo")
+        return self._gloo_group
+
 
 class _Channel:
-    """The worker's end of the runner's socket (a DEALER whose identity is the rank)."""
+    """The worker's end of the runner's socket (a DEALER whose identity is the rank).
+
+    The runner sends ``call`` and ``stop`` messages, served in order, and ``cancel`` messages,
+    which are noted as they arrive: a blocking `recv` notes them while idle, `was_cancelled`
+    reads whatever has arrived (without waiting) while a request runs and keeps the calls it
+    finds for `recv`.
+    """
 
     def __init__(self, address: str, rank: int):
         self._context = zmq.Context()
@@ -109,6 +151,9 @@ class _Channel:
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._socket.connect(address)
         self._lock = threading.Lock()  # user code may stream from its own threads
+        self._pending: collections.deque = collections.deque()  # calls read early by was_cancelled
+        self._cancelled: set[int] = set()
+        self._finished = -1  # the last request id served: later cancels of it are dropped
 
     def send(self, meta: tuple, body: protocol.Frames | None = None) -> None:
         frames = protocol.pack(meta, body)
@@ -117,7 +162,30 @@ class _Channel:
             self._socket.send_multipart(frames, copy=not big)
 
     def recv(self) -> tuple[tuple, protocol.Frames]:
-        return protocol.unpack(self._socket.recv_multipart(copy=False))  # blocks: no polling
+        """The next call or stop message; blocks (no polling) until there is one."""
+        while not self._pending:
+            self._note(protocol.unpack(self._socket.recv_multipart(copy=False)))
+        return self._pending.popleft()
+
+    def was_cancelled(self, request_id: int) -> bool:
+        """Whether a cancel of `request_id` has arrived; reads what is waiting, never blocks."""
+        while True:  # one non-blocking read per waiting message, then back to work: no polling loop
+            try:
+                frames = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return request_id in self._cancelled
+            self._note(protocol.unpack(frames))
+
+    def finished(self, request_id: int) -> None:
+        self._finished = request_id
+        self._cancelled.discard(request_id)
+
+    def _note(self, message: tuple[tuple, protocol.Frames]) -> None:
+        meta = message[0]
+        if meta[0] != "cancel":
+            self._pending.append(message)
+        elif meta[1] > self._finished:  # request ids increase: an older one has ended here
+            self._cancelled.add(meta[1])
 
     def close(self) -> None:
         self._socket.close(linger=1000)  # let the last replies out, but never block exit for long
@@ -256,6 +324,7 @@ def _handle(worker: DistributedWorker, channel: _Channel, request_id: int, strea
         channel.send(("result", request_id, rank), reply)
     finally:
         worker._request_id, worker._streaming = None, False
+        channel.finished(request_id)
 
 
 def _wait_for_stop(channel: _Channel) -> None:

@@ -3,7 +3,8 @@
 A request waits for its turn here, not on the ranks, so a client that leaves while waiting
 costs the mesh nothing: its turn is given up and it never reaches a worker. A request whose
 client leaves during its turn is abandoned through the runner (its events and result are
-dropped); the ranks cannot be interrupted mid-generation, so they finish it before the next.
+dropped, and the ranks stop it after their current denoising step; see
+`DistributedWorker.cancel_requested`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class MeshQueue:
             self.metrics.sent.inc()
             yield self.runner
         except TimeoutError:
-            # The ranks cannot be interrupted: stuck on this request, they would block every later turn.
+            # The ranks may be stuck (in a collective, or in a step that never ends) where they cannot
+            # see the cancel: they would block every later turn.
             self.restart_soon(stale=True)
             raise
         except (WorkerDied, RunnerBroken, RemoteError) as error:
