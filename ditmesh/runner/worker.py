@@ -123,12 +123,11 @@ class DistributedWorker:
         return bool(flag.item())
 
     def _cancel_group(self) -> Any:
-        """A gloo group over all ranks (the default group when it is gloo), made at the first
-        `cancel_requested`: every rank is at the same call then, as `new_group` needs."""
+        """A gloo group over all ranks, its own (also where the default group is gloo, so CPU runs
+        take the path GPU runs take), made at the first `cancel_requested`: every rank is at the
+        same call then, as `new_group` needs."""
         import torch.distributed as dist
 
-        if dist.get_backend() == "gloo":
-            return None
         if self._gloo_group is None:
             self._gloo_group = dist.new_group(backend="gloo")
         return self._gloo_group
