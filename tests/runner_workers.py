@@ -74,16 +74,19 @@ class CudaWorker(DistributedWorker):
 
 class StepsWorker(DistributedWorker):
     """Runs up to `steps` collective steps, checking `cancel_requested` after each, as a denoising
-    loop does; ``report=True`` answers how many steps every rank ran in the previous request."""
+    loop does; ``report=True`` answers how many steps every rank ran in the previous request and
+    how many step requests it has started."""
 
     def setup(self) -> None:
         self.ran = 0
+        self.started = 0
 
     def __call__(self, streaming: bool = False, steps: int = 0, report: bool = False) -> object:
         if report:
             counts = [None] * self.world_size
             dist.all_gather_object(counts, self.ran)
-            return {"ran": counts}
+            return {"ran": counts, "started": self.started}
+        self.started += 1
         self.ran = 0
         for step in range(steps):
             total = torch.ones(1)

@@ -255,15 +255,18 @@ def test_cancelled_invoke_and_abandoned_stream_leave_runner_usable(loop, runners
 def test_given_up_requests_stop_on_every_rank_after_the_same_step(loop, world_size):
     """A stream left early, a cancelled invoke and a timed-out invoke each stop at the ranks'
     next `cancel_requested` (all ranks after the same step), and the next request runs at once."""
-    steps = 1_000_000  # hours of steps: finishing one would fail the test by its hang guard
+    steps = 1_000_000  # minutes of collective steps: a request that is not stopped fails the report's timeout
     runner = DistributedRunner(runner_workers.StepsWorker, world_size, device_type="cpu", num_threads=1)
 
     async def ran_before() -> list[int]:
-        return (await runner.invoke({"report": True}, timeout=30))["ran"]
+        report = await runner.invoke({"report": True}, timeout=30)
+        assert report["started"] == len(ran) + 1  # the given-up request reached the ranks and started
+        return report["ran"]
+
+    ran: list[list[int]] = []
 
     async def give_up_three_ways() -> list[list[int]]:
         await runner.start()
-        ran = []
         stream = runner.stream({"steps": steps}, as_text_events=False)
         async for event in stream:
             if event["step"] == 2:
