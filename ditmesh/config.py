@@ -44,6 +44,10 @@ class ParallelConfig:
     """PipeFusion: first diffusion steps run exactly (no stale activations) to fill the buffers."""
     attention_backend: str = "auto"
     """Local attention kernel: auto (fastest available), sdpa, math (plain torch, returns LSE) or triton."""
+    ulysses_head_groups: int = 1
+    """Ulysses: a rank's heads are exchanged and attended in this many groups, pipelined, so one
+    group's all-to-all overlaps another group's attention (1 = one all-to-all each way; capped at
+    the heads per rank). Outputs are the same for every value."""
 
     def __post_init__(self) -> None:
         for axis in AXES:
@@ -59,6 +63,8 @@ class ParallelConfig:
             not isinstance(self.pipefusion_patches, int) or self.pipefusion_patches < 1
         ):
             raise ValueError(f"pipefusion_patches must be a positive integer, got {self.pipefusion_patches!r}")
+        if not isinstance(self.ulysses_head_groups, int) or isinstance(self.ulysses_head_groups, bool) or self.ulysses_head_groups < 1:
+            raise ValueError(f"ulysses_head_groups must be a positive integer (1 = all heads in one exchange), got {self.ulysses_head_groups!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -281,3 +281,63 @@ def test_compiled_blocks_match_serial(pools, family, mode, size):
 
 def test_compile_refused_where_layers_are_sharded(pools):
     assert all(pools(2).run(check_compile_refused_for_tensor))
+
+
+# ---- Ulysses in pipelined head groups ---------------------------------------------------------
+
+
+def check_head_groups(family, degrees, num_heads, size, batch=1, backward=False, compiled=False):
+    """`check_forward` / `check_backward` / `check_compiled` with `ulysses_head_groups` set;
+    returns the all-to-alls started per forward (each head group travels on its own)."""
+    from ditmesh.parallel import ulysses
+
+    started = []
+    original = ulysses.start_exchange
+    ulysses.start_exchange = lambda *a, **k: started.append(1) or original(*a, **k)
+    try:
+        if backward:
+            check_backward(family, degrees, num_heads=num_heads, size=size)
+        elif compiled:
+            assert check_compiled(family, degrees, size) <= 1e-4
+        else:
+            check_forward(family, degrees, num_heads=num_heads, size=size, batch=batch)
+    finally:
+        ulysses.start_exchange = original
+    return len(started)
+
+
+# (family, world, degrees, heads, size, batch, exchanges per forward: 2 attention layers x 2 ways x groups)
+HEAD_GROUPS = {
+    "flux-ulysses2-2groups": ("flux", 2, dict(ulysses_degree=2, ulysses_head_groups=2), 4, (16, 16), 1, 2 * 2 * 2),
+    # 6 heads pad to 8 at degree 4: 2 per rank, so 3 groups are capped at 2; 35 tokens, batch 2.
+    "sd3-ulysses4-capped": ("sd3", 4, dict(ulysses_degree=4, ulysses_head_groups=3), 6, (14, 10), 2, 2 * 2 * 2),
+    # 6 heads at ulysses 2: 3 per rank in 3 groups, the ring inside each group's attention.
+    "flux-usp2x2-3groups": ("flux", 4, dict(ring_degree=2, ulysses_degree=2, ulysses_head_groups=3), 6, (10, 14), 2, 2 * 2 * 3),
+}
+
+
+@pytest.mark.parametrize("case", list(HEAD_GROUPS))
+def test_ulysses_head_groups_match_serial(pools, case):
+    family, world, degrees, heads, size, batch, exchanges = HEAD_GROUPS[case]
+    assert pools(world).run(check_head_groups, family, degrees, heads, size, batch) == [exchanges] * world
+
+
+def test_ulysses_head_groups_backward_matches_serial(pools):
+    # 2 forwards (serial reference untouched: no exchange) -> one forward's 2 x 2 x 2 exchanges.
+    degrees = dict(ulysses_degree=2, ulysses_head_groups=2)
+    assert pools(2).run(check_head_groups, "flux", degrees, 4, (12, 14), backward=True) == [8, 8]
+
+
+def test_ulysses_head_groups_compiled_match_serial(pools):
+    # Traced once per block class (double, single): each trace starts 2 ways x 2 groups.
+    degrees = dict(ulysses_degree=2, ulysses_head_groups=2)
+    assert pools(2).run(check_head_groups, "flux", degrees, 4, (12, 14), compiled=True) == [8, 8]
+
+
+def test_head_groups_split_a_ranks_heads_evenly():
+    from ditmesh.parallel.ulysses import head_groups
+
+    assert head_groups(12, 3) == [(0, 4), (4, 8), (8, 12)]
+    assert head_groups(3, 2) == [(0, 2), (2, 3)]
+    assert head_groups(2, 5) == [(0, 1), (1, 2)]
+    assert head_groups(5, 1) == [(0, 5)]

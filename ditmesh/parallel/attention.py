@@ -109,6 +109,7 @@ class SequenceContext:
     every forward: image tokens of the whole sequence and per rank (after padding), and the same
     for the text tokens when the model's plan shards them too. `text_len` None means the text is
     whole on every rank (PipeFusion's stages carry it so); attention then shards it itself.
+    `head_groups`: Ulysses exchanges and attends a rank's heads in this many pipelined groups.
     """
 
     sequence_group: dist.ProcessGroup
@@ -116,6 +117,7 @@ class SequenceContext:
     ring_group: dist.ProcessGroup
     joint_text: str | None
     backend: str = "auto"
+    head_groups: int = 1
     num_tokens: int | None = None
     local_len: int | None = None
     num_text: int | None = None
@@ -169,14 +171,31 @@ def _sharded_attention(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale, num_
     Ulysses turns the token shards into head shards over the ulysses group's tokens (q, k and v
     of both streams in one all-to-all, stacked on the batch dim, which it leaves alone); ring
     attention then runs over the ring ranks' blocks of those."""
-    num_heads = qi.shape[1]
-    if ctx.ulysses_size > 1:
-        image, text = ulysses.heads_to_sequence([torch.cat([qi, ki, vi]), torch.cat([qt, kt, vt])], ctx.ulysses_group)
+    if ctx.ulysses_size == 1:
+        return _attend_block(qi, ki, vi, qt, kt, vt, ctx, scale, num_text)
+    return _ulysses_in_groups(qi, ki, vi, qt, kt, vt, ctx, scale, num_text)
+
+
+def _ulysses_in_groups(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale, num_text: int):
+    """Ulysses with a rank's heads in `ctx.head_groups` groups, pipelined: group g+1's all-to-all
+    is in flight while group g attends, and group g's output travels back while g+1 attends
+    (heads attend independently, so the result equals one exchange of all heads).
+
+    Every rank starts the exchanges in the same order: in, in, out, in, out, ... (one group's
+    NCCL collectives run in the order they are started)."""
+    num_heads, lengths = qi.shape[1], [qi.shape[2], qt.shape[2]]
+    streams = [torch.cat([qi, ki, vi]), torch.cat([qt, kt, vt])]
+    groups = ulysses.head_groups(ulysses.padded_heads(num_heads, ctx.ulysses_size) // ctx.ulysses_size, ctx.head_groups)
+    incoming = [ulysses.start_heads_to_sequence(streams, ctx.ulysses_group, groups[0])]
+    outgoing = []
+    for g in range(len(groups)):
+        if g + 1 < len(groups):
+            incoming.append(ulysses.start_heads_to_sequence(streams, ctx.ulysses_group, groups[g + 1]))
+        image, text = incoming[g]()
         (qi, ki, vi), (qt, kt, vt) = image.chunk(3), text.chunk(3)
-    out_i, out_t = _attend_block(qi, ki, vi, qt, kt, vt, ctx, scale, num_text)
-    if ctx.ulysses_size > 1:
-        out_i, out_t = ulysses.sequence_to_heads([out_i, out_t], ctx.ulysses_group, num_heads)
-    return out_i, out_t
+        out_i, out_t = _attend_block(qi, ki, vi, qt, kt, vt, ctx, scale, num_text)
+        outgoing.append(ulysses.start_sequence_to_heads([out_i, out_t], ctx.ulysses_group))
+    return ulysses.join_head_groups([finish() for finish in outgoing], lengths, num_heads)
 
 
 def _attend_block(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale, num_text: int):

@@ -9,6 +9,8 @@ reduce-scatter); `gather_replicated` is the one boundary that differs (see its d
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
@@ -37,13 +39,30 @@ def exchange_chunks(x_W: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor
 
     The all-to-all at its plainest: callers lay out the chunks (and read them back) themselves,
     so a layout change costs no extra copy. Differentiable (backward is the same exchange)."""
+    return start_exchange(x_W, group)()
+
+
+def start_exchange(x_W: torch.Tensor, group: dist.ProcessGroup) -> Callable[[], torch.Tensor]:
+    """`exchange_chunks` started, not waited for: returns ``finish()``, which waits and returns
+    what arrived. Work issued in between (another exchange, another head group's attention) runs
+    while the transfer does: on NCCL the transfer runs on the communicator's own stream, which the
+    compute stream joins only at ``finish()``; compiled graphs keep the wait where ``finish()`` is.
+
+    Ordering hazard: one group's collectives run in the order they are started, so every rank
+    must start them in the same order (a rank finishing them in another order is fine)."""
     if dist.get_world_size(group) == 1:
-        return x_W
+        return lambda: x_W
     if _plain_call():
         out = torch.empty_like(x_W, memory_format=torch.contiguous_format)
-        dist.all_to_all_single(out, x_W.contiguous(), group=group)
-        return out
-    return _wait(fc.all_to_all_single_autograd(x_W.contiguous(), None, None, group))
+        work = dist.all_to_all_single(out, x_W.contiguous(), group=group, async_op=True)
+
+        def finish_plain() -> torch.Tensor:
+            work.wait()  # NCCL: the compute stream waits for the transfer; the host does not
+            return out
+
+        return finish_plain
+    pending = fc.all_to_all_single_autograd(x_W.contiguous(), None, None, group)
+    return lambda: _wait(pending)
 
 
 def all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -173,6 +192,7 @@ def pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 __all__ = [
     "all_to_all",
     "exchange_chunks",
+    "start_exchange",
     "all_gather",
     "gather_replicated",
     "ring_shift_start",

@@ -61,6 +61,7 @@ def apply(target: torch.nn.Module, mesh: Any, adapter: Any, config: Any) -> Sequ
         ring_group=mesh.group("ring"),
         joint_text=adapter.joint_text,
         backend=config.attention_backend,
+        head_groups=config.ulysses_head_groups,
     )
     processors = _wrap_processors(target, ctx)
     hooks = [target.register_forward_pre_hook(lambda module, args: _begin_forward(ctx), prepend=True)]

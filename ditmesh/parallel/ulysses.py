@@ -8,14 +8,20 @@ query/key/value head attends to nothing that matters and is dropped afterwards).
 A sequence may hold several streams sharded alike (joint attention's text and image tokens):
 their shards travel in the same all-to-all and come out as one tensor per stream, each the
 stream's tokens of the whole group in group-rank order.
+
+The heads may travel in groups (`head_groups`): each group is its own all-to-all, started
+separately (`start_heads_to_sequence`, `start_sequence_to_heads`), so the caller can attend one
+group while the next one's exchange is in flight.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
-from ditmesh.parallel.comm import exchange_chunks, pad_dim
+from ditmesh.parallel.comm import pad_dim, start_exchange
 
 
 def padded_heads(num_heads: int, degree: int) -> int:
@@ -23,26 +29,63 @@ def padded_heads(num_heads: int, degree: int) -> int:
     return -(-num_heads // degree) * degree
 
 
+def head_groups(heads_per_rank: int, groups: int) -> list[tuple[int, int]]:
+    """[start, end) of `groups` near-equal groups of a rank's heads (no more groups than heads):
+    12 heads in 3 groups -> (0, 4), (4, 8), (8, 12)."""
+    groups = max(1, min(groups, heads_per_rank))
+    bounds = [round(g * heads_per_rank / groups) for g in range(groups + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def heads_to_sequence(streams_BHSD: list[torch.Tensor], group: dist.ProcessGroup) -> list[torch.Tensor]:
     """Token shards (B, H, S_i/U, D) of each stream -> head shards (B, Hp/U, S_i, D) over all the
     group's tokens of that stream (rank r's shard at [r*S_i/U, (r+1)*S_i/U)), in one all-to-all.
     H is zero-padded to Hp, a multiple of U."""
+    return start_heads_to_sequence(streams_BHSD, group)()
+
+
+def start_heads_to_sequence(streams_BHSD: list[torch.Tensor], group: dist.ProcessGroup,
+                            heads: tuple[int, int] | None = None) -> Callable[[], list[torch.Tensor]]:
+    """`heads_to_sequence` for the heads [start, end) of every rank's share (all of them when
+    None), started: returns ``finish()`` -> per stream (B, end - start, S_i, D)."""
     degree = dist.get_world_size(group)
     lengths = [x.shape[2] for x in streams_BHSD]
     joint = pad_dim(torch.cat(streams_BHSD, dim=2), 1, padded_heads(streams_BHSD[0].shape[1], degree))
-    # (U, B, Hp/U, sum S_i/U, D): chunk r holds rank r's heads of this rank's tokens.
-    received = exchange_chunks(torch.stack(joint.chunk(degree, dim=1)), group)
-    # received[r]: this rank's heads of rank r's tokens -> per stream (B, Hp/U, U * S_i/U, D).
-    return [part.permute(1, 2, 0, 3, 4).flatten(2, 3) for part in received.split(lengths, dim=3)]
+    per_rank = joint.unflatten(1, (degree, -1))  # (B, U, Hp/U, sum S_i/U, D): rank r's heads at [:, r]
+    if heads is not None:
+        per_rank = per_rank[:, :, heads[0]:heads[1]]
+    # (U, B, h, sum S_i/U, D): chunk r holds rank r's heads of this rank's tokens.
+    finish_exchange = start_exchange(per_rank.transpose(0, 1), group)
+
+    def finish() -> list[torch.Tensor]:
+        # received[r]: this rank's heads of rank r's tokens -> per stream (B, h, U * S_i/U, D).
+        received = finish_exchange()
+        return [part.permute(1, 2, 0, 3, 4).flatten(2, 3) for part in received.split(lengths, dim=3)]
+
+    return finish
 
 
 def sequence_to_heads(streams_BhSD: list[torch.Tensor], group: dist.ProcessGroup, num_heads: int) -> list[torch.Tensor]:
     """Inverse of `heads_to_sequence`: head shards (B, Hp/U, S_i, D) -> token shards
     (B, num_heads, S_i/U, D) of each stream, padding heads dropped."""
     degree = dist.get_world_size(group)
+    return join_head_groups([start_sequence_to_heads(streams_BhSD, group)()], [x.shape[2] // degree for x in streams_BhSD], num_heads)
+
+
+def start_sequence_to_heads(streams_BhSD: list[torch.Tensor], group: dist.ProcessGroup) -> Callable[[], torch.Tensor]:
+    """Start the inverse exchange of one head group (B, h, S_i, D) per stream; ``finish()`` ->
+    (U, B, h, sum S_i/U, D): [r] is rank r's heads of the group for this rank's tokens
+    (`join_head_groups` assembles the groups)."""
+    degree = dist.get_world_size(group)
     lengths = [x.shape[2] // degree for x in streams_BhSD]
-    # (U, B, Hp/U, sum S_i/U, D): chunk r holds rank r's tokens of each stream, this rank's heads.
+    # (U, B, h, sum S_i/U, D): chunk r holds rank r's tokens of each stream, this rank's heads.
     send = torch.cat([x.unflatten(2, (degree, n)).permute(2, 0, 1, 3, 4) for x, n in zip(streams_BhSD, lengths)], dim=3)
-    received = exchange_chunks(send, group)
-    joint = received.permute(1, 0, 2, 3, 4).flatten(1, 2)[:, :num_heads]  # (B, H, sum S_i/U, D)
+    return start_exchange(send, group)
+
+
+def join_head_groups(received: list[torch.Tensor], lengths: list[int], num_heads: int) -> list[torch.Tensor]:
+    """The finished inverse exchanges of a rank's head groups, in head order -> token shards
+    (B, num_heads, S_i/U, D) of each stream (`lengths`: S_i/U), padding heads dropped."""
+    joint = torch.cat(received, dim=2) if len(received) > 1 else received[0]  # (U, B, Hp/U, sum S_i/U, D)
+    joint = joint.permute(1, 0, 2, 3, 4).flatten(1, 2)[:, :num_heads]  # (B, H, sum S_i/U, D)
     return list(joint.split(lengths, dim=2))
