@@ -34,7 +34,8 @@ Rows (framework, config in ParallelConfig's string form; `serial` = one GPU):
   flash-attn 4 or 3 when installed, else cuDNN (torch's aten op) when torch has cuDNN, else flash-attn 2,
   else torch SDPA; the row's attention column says which it picked.
 * ditmesh `parallelize(pipe, ParallelConfig.parse("ulysses=W"), ...)` and ring=W: compiled (the
-  default), compiled + `cuda_graphs=True`, eager (`compile=False`).
+  default), compiled + `cuda_graphs=True`, eager (`compile=False`); `--ditmesh-configs` adds configs
+  with settings (e.g. `ulysses=W,ulysses_head_groups=2`), compared with diffusers CP at their degrees.
 
 On CPU (--device cpu --tiny, fp32, gloo) the rows prove the logic, not speed. Two peer limits show
 there: diffusers 0.42.1 puts CP on device `rank % torch.accelerator.device_count()`, which divides by
@@ -112,9 +113,11 @@ class Row:
         return f"{self.framework} {self.config} {mode}"
 
 
-def planned_rows(world: int, cuda: bool) -> list[Row]:
+def planned_rows(world: int, cuda: bool, extra: tuple[str, ...] = ()) -> list[Row]:
     """The rows in the order they run: the serial reference first, then the comparisons the issue
-    judges (ditmesh vs diffusers CP compiled), xfuser last (the least known, most likely to fail)."""
+    judges (ditmesh vs diffusers CP compiled), xfuser last (the least known, most likely to fail).
+    `extra`: more ditmesh configs (e.g. with settings such as ulysses_head_groups), each compiled,
+    compiled + CUDA graphs and eager, after ditmesh's own rows of each mode."""
     rows = [Row("diffusers", "serial", False), Row("diffusers", "serial", True), Row("ditmesh", "serial", True, cuda)]
     if world == 1:
         return rows
@@ -122,12 +125,24 @@ def planned_rows(world: int, cuda: bool) -> list[Row]:
     return rows + [
         Row("ditmesh", ulysses, True), Row("diffusers", ulysses, True),
         Row("ditmesh", ring, True), Row("diffusers", ring, True),
+        *[Row("ditmesh", config, True) for config in extra],
         Row("ditmesh", ulysses, True, True), Row("ditmesh", ring, True, True),
+        *[Row("ditmesh", config, True, True) for config in extra],
         Row("ditmesh", ulysses, False), Row("ditmesh", ring, False),
+        *[Row("ditmesh", config, False) for config in extra],
         Row("diffusers", ulysses, False), Row("diffusers", ring, False),
         Row("xfuser", ulysses, False), Row("xfuser", ring, False),
         Row("xfuser", ulysses, True), Row("xfuser", ring, True),
     ]
+
+
+def degrees_of(config: str) -> str:
+    """A config's degrees alone ("ulysses=2,ulysses_head_groups=2" -> "ulysses=2"): the peer
+    config it is compared with."""
+    if config == "serial":
+        return config
+    parsed = ParallelConfig.parse(config)
+    return str(ParallelConfig(**{f"{axis}_degree": degree for axis, degree in parsed.degrees.items()}))
 
 
 # ---- shared state of one run ----------------------------------------------------------------------
@@ -367,7 +382,8 @@ def add_speedups(rows: list[dict]) -> dict | None:
     for r in done:
         r["speedup_vs_best_1gpu"] = round(best / r["step_ms"], 3) if best else None
         if r["config"] != "serial":
-            r["speedup_vs_diffusers_cp"] = round(cp[r["config"]] / r["step_ms"], 3) if r["config"] in cp else None
+            peer = degrees_of(r["config"])
+            r["speedup_vs_diffusers_cp"] = round(cp[peer] / r["step_ms"], 3) if peer in cp else None
     return best_row
 
 
@@ -404,7 +420,7 @@ def markdown(rows: list[dict], env: dict, best: dict | None) -> str:
     for r in rows:  # the comparison the issue judges: ditmesh vs diffusers CP compiled, same config
         if r["framework"] == "ditmesh" and r["config"] != "serial" and r["compiled"] and r.get("speedup_vs_diffusers_cp"):
             mode = " + CUDA graphs" if r["cuda_graphs"] else ""
-            lines.append(f"- ditmesh {r['config']} compiled{mode} vs diffusers CP {r['config']} compiled: "
+            lines.append(f"- ditmesh {r['config']} compiled{mode} vs diffusers CP {degrees_of(r['config'])} compiled: "
                          f"{r['speedup_vs_diffusers_cp']:.2f}x")
     lines += ["", *[f"- {note}" for note in env["notes"]]]
     return "\n".join(lines) + "\n"
@@ -476,6 +492,9 @@ def main() -> None:
                         help="start no row after this many seconds (default 480; skipped rows say so)")
     parser.add_argument("--nccl-timeout", type=float, default=120.0,
                         help="seconds before the watchdog ends a stuck collective (default 120)")
+    parser.add_argument("--ditmesh-configs", default="",
+                        help="more ditmesh configs, ';'-separated, e.g. 'ulysses=2,ulysses_head_groups=2;ulysses=2,"
+                             "ulysses_head_groups=4' (compared with diffusers CP at the same degrees)")
     parser.add_argument("--append", action="store_true", help="keep the rows of an earlier peers_<tag>.json not run now")
     parser.add_argument("--tag", default=None,
                         help="results file name peers_<tag>.{json,md} (default: h200_x2, cpu_tiny, ...)")
@@ -512,7 +531,8 @@ def main() -> None:
 def selected_rows(args: argparse.Namespace, world: int, cuda: bool) -> list[Row]:
     """The planned rows of --frameworks and --modes, and always the serial diffusers eager reference."""
     frameworks, modes = set(args.frameworks.split(",")), set(args.modes.split(","))
-    return [r for r in planned_rows(world, cuda)
+    extra = tuple(c.strip() for c in args.ditmesh_configs.split(";") if c.strip())
+    return [r for r in planned_rows(world, cuda, extra)
             if r.framework in frameworks and r.mode in modes or r == Row("diffusers", "serial", False)]
 
 

@@ -64,8 +64,9 @@ class EmulatedUlysses:
     tokens + I/W image tokens; text keeps H/W of its heads, image is viewed as (B, H/W, I, D),
     and the text output is repeated back over the heads (the all-gather it stands for)."""
 
-    def __init__(self, inner, degree: int, text: str, num_text: int):
+    def __init__(self, inner, degree: int, text: str, num_text: int, head_groups: int = 1):
         self.inner, self.degree, self.text, self.num_text = inner, degree, text, num_text
+        self.head_groups = head_groups
 
     def __call__(self, attn, *args, **kwargs):
         with RedirectSDPA(lambda sdpa, *a, **kw: self._attend(sdpa, *a, **kw)):
@@ -75,6 +76,8 @@ class EmulatedUlysses:
         q, k, v = query, key, value
         batch, heads, seq, dim = q.shape
         w = self.degree
+        if self.text == "split" and self.head_groups > 1:
+            return self._attend_in_groups(sdpa, q, k, v, **kwargs)
         if self.text == "split":
             q_, k_, v_ = (x.reshape(batch, heads // w, seq * w, dim) for x in (q, k, v))
             return sdpa(q_, k_, v_, **kwargs).reshape(batch, heads, seq, dim)
@@ -86,6 +89,24 @@ class EmulatedUlysses:
         out = sdpa(widen(q), widen(k), widen(v), **kwargs)
         text_out = out[:, :, :t].repeat(1, w, 1, 1)
         return torch.cat([text_out, out[:, :, t:].reshape(batch, heads, seq - t, dim)], dim=2)
+
+
+    def _attend_in_groups(self, sdpa, q, k, v, **kwargs):
+        """`ulysses_head_groups`: the copies and kernels of attention.py's pipelined groups, the
+        exchanges left out: per group, its heads of every rank laid out for sending (U, B, h, S/U, D),
+        read back as (B, h, S, D), attended, laid out for the return and joined."""
+        from ditmesh.parallel.ulysses import head_groups, join_head_groups
+
+        batch, heads, seq, dim = q.shape
+        w = self.degree
+        streams = torch.cat([q, k, v]).unflatten(1, (w, heads // w))  # (3B, U, H/U, S/U, D)
+        received = []
+        for start, end in head_groups(heads // w, self.head_groups):
+            sent = streams[:, :, start:end].transpose(0, 1).contiguous()  # what start_heads_to_sequence sends
+            q_, k_, v_ = sent.permute(1, 2, 0, 3, 4).flatten(2, 3).chunk(3)  # (B, h, S, D) each, as received
+            out = sdpa(q_, k_, v_, **kwargs)
+            received.append(out.unflatten(2, (w, seq)).permute(2, 0, 1, 3, 4).contiguous())  # what returns
+        return join_head_groups(received, [seq], heads)[0]
 
 
 def flux_rank_inputs(image: int, text: int, device: str, dtype: torch.dtype, joint_dim: int, pooled_dim: int) -> dict:
@@ -166,7 +187,7 @@ def first_call_s(fn, device: str) -> float:
     return time.perf_counter() - tic
 
 
-def record(name: str, degree: int, text: str, fn, args, reference=None) -> torch.Tensor:
+def record(name: str, degree: int, text: str, fn, args, reference=None, head_groups: int = 1) -> torch.Tensor:
     import torch._dynamo
 
     if args.device == "cuda":
@@ -174,7 +195,7 @@ def record(name: str, degree: int, text: str, fn, args, reference=None) -> torch
     with torch.no_grad():
         warmup = first_call_s(fn, args.device)
         out = fn()[0]
-        row = dict(variant=name, degree=degree, text=text, warmup_s=warmup, step_ms=step_ms(fn, args.device, args.samples),
+        row = dict(variant=name, degree=degree, text=text, head_groups=head_groups, warmup_s=warmup, step_ms=step_ms(fn, args.device, args.samples),
                    host_ms=host_ms(fn, args.device), peak_gib=torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None)
         if reference is not None:
             row["rel_err"] = ((out.double() - reference.double()).norm() / reference.double().norm()).item()
@@ -244,15 +265,18 @@ def ulysses_rank_rows(model, args) -> None:
     originals = dict(model.attn_processors)
     text_total, image_total = args.tokens
     for degree in args.degrees:
-        for text, graphs in args.variants:
+        for (text, graphs), groups in ((v, g) for v in args.variants for g in args.head_groups):
+            if groups > 1 and (text != "split" or groups > model.config.num_attention_heads // degree):
+                continue  # replicated text has no grouped variant; more groups than heads = fewer groups
             text_local = -(-text_total // degree) if text == "split" else text_total
-            model.set_attn_processor({n: EmulatedUlysses(p, degree, text, text_local) for n, p in originals.items()})
+            model.set_attn_processor({n: EmulatedUlysses(p, degree, text, text_local, groups) for n, p in originals.items()})
             fastpath.compile_repeated_blocks(model, backend=args.backend)
             inputs = flux_rank_inputs(image_total // degree, text_local, args.device, args.dtype,
                                       model.config.joint_attention_dim, model.config.pooled_projection_dim)
             call = graphed(lambda: model(**inputs)) if graphs else (lambda: model(**inputs))
-            name = f"one rank of ulysses={degree}" + (", whole step in one CUDA graph" if graphs else "")
-            record(name, degree, text, call, args)
+            name = (f"one rank of ulysses={degree}" + (f", {groups} head groups" if groups > 1 else "")
+                    + (", whole step in one CUDA graph" if graphs else "") + "".join(f", {k}" for k in args.inductor))
+            record(name, degree, text, call, args, head_groups=groups)
             for block in fastpath.repeated_blocks(model):
                 block._compiled_call_impl = None  # next degree: eager blocks, recompiled with its shapes
     model.set_attn_processor(originals)
@@ -366,6 +390,23 @@ def project_files(paths: list[Path], out: Path) -> None:
     print("\n".join(lines))
 
 
+def set_inductor_knobs(settings: list[str]) -> None:
+    """--inductor KNOB=VALUE ...: set on torch._inductor.config (values parsed as Python literals)."""
+    import ast
+
+    import torch._inductor.config as inductor
+
+    for item in settings:
+        knob, _, value = item.partition("=")
+        if not hasattr(inductor, knob):
+            raise ValueError(f"torch._inductor.config has no {knob!r}")
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value  # a plain string, e.g. max_autotune_gemm_backends=TRITON,ATEN
+        setattr(inductor, knob, parsed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -381,6 +422,11 @@ def main() -> None:
     parser.add_argument("--tag", default=None, help="results file suffix (default: the device)")
     parser.add_argument("--baseline-ms", type=float, default=None,
                         help="best single-GPU compiled step for the projection (default: part 1's)")
+    parser.add_argument("--inductor", nargs="*", default=[], metavar="KNOB=VALUE",
+                        help="torch._inductor.config settings for every compile of this run (e.g. max_autotune_gemm=True); "
+                             "the variant names say so")
+    parser.add_argument("--head-groups", default="1",
+                        help="ulysses_head_groups values to emulate for the split-text variants (e.g. 1,2,3)")
     parser.add_argument("--variants", default="split,replicated",
                         help="per degree: split / replicated text, compiled as parallelize does; split-graphs: "
                              "split text, the compiled step captured whole in one CUDA graph and replayed")
@@ -389,6 +435,8 @@ def main() -> None:
         return project_files(args.project, args.out / "scaling_projection.md")
     args.deadline = time.time() + args.deadline_s
     args.degrees = [int(d) for d in args.degrees.split(",")]
+    args.head_groups = [int(g) for g in args.head_groups.split(",")]
+    set_inductor_knobs(args.inductor)
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     args.backend = "inductor" if args.device == "cuda" else "aot_eager"
     args.tokens = (TEXT, args.image_tokens or IMAGE) if not args.tiny else (8, 64)
