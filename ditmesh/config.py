@@ -47,7 +47,12 @@ class ParallelConfig:
     ulysses_head_groups: int = 1
     """Ulysses: a rank's heads are exchanged and attended in this many groups, pipelined, so one
     group's all-to-all overlaps another group's attention (1 = one all-to-all each way; capped at
-    the heads per rank). Outputs are the same for every value."""
+    the heads per rank). Outputs are the same for every value. Compiled blocks get
+    `reorder_comms` with it (without, inductor's schedule serialises the groups)."""
+    reorder_comms: bool = False
+    """Compiled blocks under sequence parallelism: inductor moves compute that does not need an
+    exchange between the exchange's start and its wait (FLUX's single blocks: the MLP runs while
+    the attention output travels back). Scheduling only: outputs are the same."""
 
     def __post_init__(self) -> None:
         for axis in AXES:
@@ -65,6 +70,8 @@ class ParallelConfig:
             raise ValueError(f"pipefusion_patches must be a positive integer, got {self.pipefusion_patches!r}")
         if not isinstance(self.ulysses_head_groups, int) or isinstance(self.ulysses_head_groups, bool) or self.ulysses_head_groups < 1:
             raise ValueError(f"ulysses_head_groups must be a positive integer (1 = all heads in one exchange), got {self.ulysses_head_groups!r}")
+        if not isinstance(self.reorder_comms, bool):
+            raise ValueError(f"reorder_comms must be True or False (1 or 0 in the string form), got {self.reorder_comms!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -125,7 +132,7 @@ class ParallelConfig:
                 raise ValueError(f"unknown parallel config key {key!r}; valid keys: {valid}")
             if name in kwargs:
                 raise ValueError(f"{key!r} is given twice in parallel config {text!r}")
-            kwargs[name] = value if name == "attention_backend" else _parse_int(key, value)
+            kwargs[name] = _parse_value(settings.get(name), key, value)
         return cls(**kwargs)
 
     def __str__(self) -> str:
@@ -134,6 +141,19 @@ class ParallelConfig:
             if not field.name.endswith("_degree") and getattr(self, field.name) != field.default:
                 parts.append(f"{field.name}={getattr(self, field.name)}")
         return ",".join(parts) or "serial"
+
+
+def _parse_value(field: dataclasses.Field | None, key: str, value: str) -> object:
+    """A string-form value as its field's type: str, bool (1/0, true/false) or int (degrees)."""
+    kind = field.type if field is not None else "int"
+    if kind == "str":
+        return value
+    if kind == "bool":
+        flags = {"1": True, "true": True, "0": False, "false": False}
+        if value.lower() not in flags:
+            raise ValueError(f"{key} must be 1 or 0 (true or false), got {value!r}")
+        return flags[value.lower()]
+    return _parse_int(key, value)
 
 
 def _parse_int(key: str, value: str) -> int:

@@ -4,7 +4,8 @@ from ditmesh import ParallelConfig
 
 
 def test_parse_round_trips():
-    for text in ["ulysses=4,cfg=2", "pipefusion=2,pipefusion_patches=4,warmup_steps=1", "data=2,ring=2,tensor=2", "serial"]:
+    for text in ["ulysses=4,cfg=2", "pipefusion=2,pipefusion_patches=4,warmup_steps=1", "data=2,ring=2,tensor=2", "serial",
+                 "ulysses=2,ulysses_head_groups=3,reorder_comms=1"]:
         config = ParallelConfig.parse(text)
         assert ParallelConfig.parse(str(config)) == config
     assert str(ParallelConfig.parse("cfg=2,ulysses=4")) == "cfg=2,ulysses=4"
@@ -29,6 +30,8 @@ def test_world_size_is_product_of_degrees():
         ("ulysses=2,ulysses=4", "given twice"),
         ("warmup_steps=-1", ">= 0"),
         ("attention_backend=flash9", "use one of"),
+        ("ulysses_head_groups=0", "positive integer"),
+        ("reorder_comms=yes", "must be 1 or 0"),
     ],
 )
 def test_bad_values_name_the_fix(text, match):
@@ -45,3 +48,10 @@ def test_config_is_frozen():
 def test_world_size_mismatch():
     with pytest.raises(ValueError, match="needs 8 processes but the world has 4"):
         ParallelConfig(cfg_degree=2, ulysses_degree=4).check_world_size(4)
+
+
+def test_boolean_settings_parse():
+    assert ParallelConfig.parse("reorder_comms=1").reorder_comms is True
+    assert ParallelConfig.parse("reorder_comms=false").reorder_comms is False
+    with pytest.raises(ValueError, match="True or False"):
+        ParallelConfig(reorder_comms=1)

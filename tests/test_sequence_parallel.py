@@ -341,3 +341,28 @@ def test_head_groups_split_a_ranks_heads_evenly():
     assert head_groups(3, 2) == [(0, 2), (2, 3)]
     assert head_groups(2, 5) == [(0, 1), (1, 2)]
     assert head_groups(5, 1) == [(0, 5)]
+
+
+def check_reorder_comms_reaches_inductor(degrees):
+    """parallelize(compile=True) gives each block's compile the reordering options when the config
+    asks for them (or for head groups, which need them); none otherwise."""
+    from ditmesh import parallelize
+    from ditmesh.parallel.fastpath import REORDER_COMMS_KNOBS
+
+    seen = []
+    original = torch.nn.Module.compile
+    torch.nn.Module.compile = lambda self, **kwargs: seen.append(kwargs.get("options"))
+    try:
+        model, _ = _tiny("flux", 4, (16, 16), 1)
+        parallelize(model, ParallelConfig(**degrees), mesh=_mesh(ParallelConfig(**degrees)), compile=True)
+    finally:
+        torch.nn.Module.compile = original
+    return len(seen), all(options == REORDER_COMMS_KNOBS for options in seen), all(options is None for options in seen)
+
+
+@pytest.mark.parametrize("degrees,reordered", [(dict(ulysses_degree=2, reorder_comms=True), True),
+                                               (dict(ulysses_degree=2, ulysses_head_groups=2), True),
+                                               (dict(ulysses_degree=2), False)])
+def test_reorder_comms_options_reach_the_block_compiles(pools, degrees, reordered):
+    for blocks, with_knobs, without in pools(2).run(check_reorder_comms_reaches_inductor, degrees):
+        assert blocks == 2 and (with_knobs if reordered else without)

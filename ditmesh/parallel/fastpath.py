@@ -10,7 +10,9 @@ Four steps, each through a public seam, none changing the model's outputs beyond
    share one compiled graph (parameters are graph inputs), so FLUX compiles two graphs, not 57;
 4. only with `autotune=True`: inductor's coordinate-descent tuning of every generated kernel
    (and no epilogue fusion into cuBLAS matmuls). It benchmarks each kernel's launch configs
-   while compiling, which multiplies the compile time; benchmarks/scaling.py measures both.
+   while compiling, which multiplies the compile time; benchmarks/scaling.py measures both
+   (on one H200: 131.52 vs 131.56 ms per step, compile 114 vs 5 s: no gain; nor from
+   `max_autotune_gemm`, 131.35 ms, compile 114 s).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def apply_fastpath(pipe: Any, *, compile: bool = True, autotune: bool = False, c
     denoiser comes back wrapped when `cuda_graphs`).
 
     `compile=False` keeps eager execution (fused QKV and cuDNN attention only). `autotune=True`
-    adds inductor's coordinate-descent tuning (slow compile; process-wide inductor settings).
+    adds inductor's coordinate-descent tuning (slow compile, no measured gain).
     `cuda_graphs` replays each step as one captured graph (`ditmesh.parallel.graphs`).
     """
     adapter = adapter_for(pipe)
@@ -78,22 +80,25 @@ def prefer_cudnn_attention(denoiser: torch.nn.Module) -> None:
     denoiser.register_forward_hook(leave, always_call=True)
 
 
-# `torch._inductor.config` settings of `autotune=True` (process-wide, like all inductor settings).
+# `torch._inductor.config` settings of `autotune=True`, given to each block's compile (not process-wide).
 AUTOTUNE_KNOBS = dict(coordinate_descent_tuning=True, coordinate_descent_check_all_directions=True, epilogue_fusion=False)
+# Settings of `reorder_comms=True` (`ParallelConfig.reorder_comms`): inductor's scheduler moves
+# independent compute between each collective's start and its wait, and sinks the waits.
+REORDER_COMMS_KNOBS = dict(reorder_for_compute_comm_overlap=True,
+                           reorder_for_compute_comm_overlap_passes=["reorder_compute_for_overlap", "sink_waits", "raise_comms"])
 
 
-def compile_repeated_blocks(denoiser: torch.nn.Module, *, autotune: bool = False, backend: str = "inductor") -> None:
-    """Regional compilation (step 3 of `apply_fastpath`); `autotune` sets `AUTOTUNE_KNOBS` first.
+def compile_repeated_blocks(denoiser: torch.nn.Module, *, autotune: bool = False, reorder_comms: bool = False,
+                            backend: str = "inductor") -> None:
+    """Regional compilation (step 3 of `apply_fastpath`); `autotune` adds `AUTOTUNE_KNOBS` and
+    `reorder_comms` adds `REORDER_COMMS_KNOBS` to the inductor options of these compiles only.
 
     Also what `parallelize` compiles under sequence parallelism: the blocks then hold the
     Ulysses all-to-alls and ring all-gathers (functional collectives) in their graphs."""
-    if autotune and backend == "inductor":
-        import torch._inductor.config as inductor
-
-        for name, value in AUTOTUNE_KNOBS.items():
-            setattr(inductor, name, value)
+    options = {**(AUTOTUNE_KNOBS if autotune else {}), **(REORDER_COMMS_KNOBS if reorder_comms else {})}
     for block in repeated_blocks(denoiser):
-        block.compile(fullgraph=True, backend=backend)
+        # Inductor reads `options` at each graph's compile (first call), patched over its config.
+        block.compile(fullgraph=True, backend=backend, options=options if options and backend == "inductor" else None)
 
 
 def repeated_blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:

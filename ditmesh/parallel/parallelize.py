@@ -70,7 +70,10 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     # 2b. regional compile of the blocks as steps 1-2 left them (Ulysses all-to-alls and the ring's
     #    all-gather are functional collectives: they sit inside the graphs, no graph break).
     if (cuda if compile is None else compile) and whole:
-        fastpath.compile_repeated_blocks(denoiser, autotune=autotune)
+        # Head groups need the reordering too: inductor's default schedule starts each group's
+        # exchange only after the previous group's attention, which leaves nothing to overlap.
+        reorder = config.reorder_comms or (config.ulysses_head_groups > 1 and config.ulysses_degree > 1)
+        fastpath.compile_repeated_blocks(denoiser, autotune=autotune, reorder_comms=reorder)
     # 2c. CUDA graphs around the whole denoiser as steps 1-2b left it (hooks, compiled blocks and
     #    their collectives are captured; cfg and data, which wrap it, stay outside).
     if (dist.get_world_size() == 1 if cuda_graphs is None else cuda_graphs) and cuda and whole:
