@@ -156,6 +156,7 @@ class Run:
     device: torch.device
     inputs: dict  # pipeline keyword arguments, identical on every rank and in every row
     control: Any  # gloo group: row outcomes, latents and decisions travel here, apart from NCCL
+    fake: bool = False  # --fake-world: this process is rank 0 of a fake process group (one GPU)
     meshes: dict = field(default_factory=dict)  # ditmesh meshes by config, reused by its variants
     reference: torch.Tensor | None = None  # rank 0: final latents of the serial diffusers eager row
 
@@ -285,11 +286,11 @@ def measure(row: Row, run: Run) -> tuple[dict, torch.Tensor | None]:
     def once() -> None:
         last[0] = loop(steps)
 
-    dist.barrier(group=run.control)
+    _barrier(run)
     warmup_s = timed_ms(once, device) / 1e3
     times = []
     for _ in range(run.settings["loops"]):
-        dist.barrier(group=run.control)  # the ranks start each loop together
+        _barrier(run)  # the ranks start each loop together
         times.append(timed_ms(once, device))
     out = last[0]
     del loop, last
@@ -315,7 +316,7 @@ def run_row(row: Row, run: Run, skip: str | None) -> dict:
             print(f"[rank {dist.get_rank()}] {row.label()} failed:\n{traceback.format_exc()}", flush=True)
     _free()
     outcomes: list = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, (error, local, latents is not None), group=run.control)
+    _gather_objects(outcomes, (error, local, latents is not None), run)
     errors = [(rank, e) for rank, (e, _, _) in enumerate(outcomes) if e is not None]
     if errors:
         rank, message = errors[0]
@@ -330,12 +331,39 @@ def run_row(row: Row, run: Run, skip: str | None) -> dict:
     # The final latents reach rank 0 from the first rank that holds them.
     holder = next((rank for rank, o in enumerate(outcomes) if o[2]), None)
     shared: list = [None] * dist.get_world_size()
-    dist.all_gather_object(shared, latents if dist.get_rank() == holder else None, group=run.control)
+    _gather_objects(shared, latents if dist.get_rank() == holder else None, run)
     final = shared[holder] if holder is not None else None
     if row == Row("diffusers", "serial", False):
         run.reference = final
     record["rel_err"] = rel_err(final, run.reference)
     return record
+
+
+def _barrier(run: Run) -> None:
+    if not run.fake:
+        dist.barrier(group=run.control)
+
+
+def _gather_objects(out: list, obj: Any, run: Run) -> None:
+    """all_gather_object over the control group; under --fake-world every rank is taken to be
+    this one (the fake group moves no data)."""
+    if run.fake:
+        out[:] = [obj] * len(out)
+    else:
+        dist.all_gather_object(out, obj, group=run.control)
+
+
+def init_fake(args: argparse.Namespace) -> torch.device:
+    """--fake-world W: this process is rank 0 of W in torch's fake process group. Collectives
+    return at once and move nothing, so every row runs one rank's whole code path on one GPU:
+    its compute and host cost at the rank's shapes, without the exchanges' time."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=0, world_size=args.fake_world, store=FakeStore())
+    if args.device == "cuda":
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
 
 
 def _blank(row: Row) -> dict:
@@ -495,26 +523,38 @@ def main() -> None:
     parser.add_argument("--ditmesh-configs", default="",
                         help="more ditmesh configs, ';'-separated, e.g. 'ulysses=2,ulysses_head_groups=2;ulysses=2,"
                              "ulysses_head_groups=4' (compared with diffusers CP at the same degrees)")
+    parser.add_argument("--fake-world", type=int, default=0, metavar="W",
+                        help="one process, rank 0 of W in torch's fake process group: one rank's compute and host cost "
+                             "on one GPU, exchanges left out (outputs are not the model's: rel err means nothing)")
     parser.add_argument("--append", action="store_true", help="keep the rows of an earlier peers_<tag>.json not run now")
     parser.add_argument("--tag", default=None,
                         help="results file name peers_<tag>.{json,md} (default: h200_x2, cpu_tiny, ...)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     started = time.time()
-    device = init(args)  # NCCL on CUDA (device set, no device_id: xfuser's groups need that), gloo on CPU
+    fake = args.fake_world > 0
+    # NCCL on CUDA (device set, no device_id: xfuser's groups need that), gloo on CPU; or the fake group.
+    device = init_fake(args) if fake else init(args)
     world, rank = dist.get_world_size(), dist.get_rank()
-    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.nccl_timeout))
+    control = None if fake else dist.new_group(backend="gloo", timeout=timedelta(seconds=args.nccl_timeout))
     settings = settings_from(args)
-    run = Run(settings, device, make_inputs(settings, device), control)
+    run = Run(settings, device, make_inputs(settings, device), control, fake)
     rows = selected_rows(args, world, device.type == "cuda")
-    stem = args.out / f"peers_{args.tag or machine_tag(device, world, args.tiny)}"
+    stem = args.out / f"peers_{args.tag or machine_tag(device, world, args.tiny, fake)}"
     env = environment(settings, device, world)
+    if fake:
+        env["command"] = " ".join(["python3", os.path.relpath(sys.argv[0])] + sys.argv[1:])
+        env["notes"].insert(0, f"FAKE PROCESS GROUP: one process on one GPU as rank 0 of {world}; collectives return at "
+                               "once and move no data. Each parallel row is one rank's compute and host cost at its "
+                               "shapes, the exchanges' time left out; rel err means nothing for parallel rows; serial "
+                               "rows are real.")
     done = kept_rows(stem, rows, env) if args.append else []
     for row in rows:
         # Rank 0 decides whether there is time for the row; every rank follows.
         late = time.time() - started > args.budget_s
         verdict = [f"skipped: not started within --budget-s {args.budget_s:.0f}" if late else None]
-        dist.broadcast_object_list(verdict, src=0, group=control)
+        if not fake:
+            dist.broadcast_object_list(verdict, src=0, group=control)
         if rank == 0:
             write(done + [dict(_blank(row), error=RUNNING)], env, stem)
         tic = time.perf_counter()
@@ -536,10 +576,11 @@ def selected_rows(args: argparse.Namespace, world: int, cuda: bool) -> list[Row]
             if r.framework in frameworks and r.mode in modes or r == Row("diffusers", "serial", False)]
 
 
-def machine_tag(device: torch.device, world: int, tiny: bool) -> str:
+def machine_tag(device: torch.device, world: int, tiny: bool, fake: bool = False) -> str:
+    kind = f"fake{world}" if fake else f"x{world}"
     if device.type == "cpu":
-        return "cpu_tiny" if tiny else "cpu"
-    return f"{torch.cuda.get_device_name(device).split()[-1].lower()}_x{world}" + ("_tiny" if tiny else "")
+        return ("cpu_tiny" if tiny else "cpu") + (f"_{kind}" if fake else "")
+    return f"{torch.cuda.get_device_name(device).split()[-1].lower()}_{kind}" + ("_tiny" if tiny else "")
 
 
 def kept_rows(stem: Path, rows: list[Row], env: dict) -> list[dict]:

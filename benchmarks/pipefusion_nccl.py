@@ -34,6 +34,7 @@ import os
 os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 
 import argparse  # noqa: E402
+import faulthandler  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -286,10 +287,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024; 128 with --tiny)")
     parser.add_argument("--loops", type=int, default=3, help="timed denoising loops per row (median)")
     parser.add_argument("--no-xdit", action="store_true", help="leave out the xDiT rows")
+    parser.add_argument("--no-ditmesh", action="store_true", help="leave out the ditmesh rows (e.g. xDiT alone)")
+    parser.add_argument("--stack-dump-s", type=float, default=0.0,
+                        help="every this many seconds, each rank prints its Python stacks (faulthandler): where a hang sits")
     parser.add_argument("--nccl-timeout", type=float, default=60.0, help="seconds before the watchdog aborts a stuck collective")
     parser.add_argument("--tag", default=None, help="results file name: pipefusion_<tag>.{json,md}")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args()
+    if args.stack_dump_s > 0:
+        faulthandler.dump_traceback_later(args.stack_dump_s, repeat=True)
     device = init(args)
     world, rank = dist.get_world_size(), dist.get_rank()
     settings = settings_from(args)
@@ -301,7 +307,8 @@ def main() -> None:
     rows = [serial]
     if world == 1:
         notes.append("world size 1: no PipeFusion rows (run with torchrun --nproc-per-node 2 or more)")
-    runs = [("ditmesh", count) for count in patches] + [("xDiT", count) for count in patches if not args.no_xdit]
+    runs = ([("ditmesh", count) for count in patches if not args.no_ditmesh]
+            + [("xDiT", count) for count in patches if not args.no_xdit])
     for impl, count in runs if world > 1 else []:
         if impl == "ditmesh":
             rows.append(safely(lambda: ditmesh_row(settings, device, count, reference), impl))
