@@ -26,6 +26,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.multi_gpu import TINY_CPU  # noqa: E402
+from benchmarks.peers import init_fake  # noqa: E402
 from benchmarks.pipefusion_nccl import call_inputs, fresh_pipeline, init  # noqa: E402
 from ditmesh import ParallelConfig, parallelize  # noqa: E402
 from ditmesh.models.flux import FLUX_DEV_CONFIG  # noqa: E402
@@ -39,8 +40,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--nccl-timeout", type=float, default=120.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--fake-world", type=int, default=0, metavar="W",
+                        help="one process as rank 0 of W in torch's fake process group (benchmarks/peers.py): "
+                             "one rank's compute and host cost on one GPU, no exchange")
     args = parser.parse_args()
-    device = init(args)
+    device = init_fake(args) if args.fake_world else init(args)
     tiny = args.tiny
     settings = dict(spec=dict(TINY_CPU["flux"]) if tiny else dict(FLUX_DEV_CONFIG), size=128 if tiny else 1024,
                     text_len=16 if tiny else 512, dtype="float32" if device.type == "cpu" else "bfloat16")
@@ -62,7 +66,8 @@ def main() -> None:
     if dist.get_rank() == 0:
         events = prof.key_averages()
         device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-        lines = [f"{args.config} on {device.type} x{dist.get_world_size()}: step wall {wall_ms:.1f} ms, "
+        world = f"fake{args.fake_world}" if args.fake_world else f"x{dist.get_world_size()}"
+        lines = [f"{args.config} on {device.type} {world}: step wall {wall_ms:.1f} ms, "
                  f"GPU kernels {device_us / 1e3 / args.steps:.1f} ms per step (sum over kernels)", "",
                  "top by host (self CPU) time:", events.table(sort_by="self_cpu_time_total", row_limit=25), "",
                  "top by device time:", events.table(sort_by="self_device_time_total", row_limit=25)
@@ -70,7 +75,8 @@ def main() -> None:
         text = "\n".join(lines)
         print(text)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"eager_profile_{args.config.replace('=', '').replace(',', '_')}.txt").write_text(text)
+        name = args.config.replace('=', '').replace(',', '_') + (f"_fake{args.fake_world}" if args.fake_world else "")
+        (args.out / f"eager_profile_{name}.txt").write_text(text)
     dist.destroy_process_group()
 
 
