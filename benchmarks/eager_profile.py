@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--fake-world", type=int, default=0, metavar="W",
                         help="one process as rank 0 of W in torch's fake process group (benchmarks/peers.py): "
                              "one rank's compute and host cost on one GPU, no exchange")
+    parser.add_argument("--cprofile", action="store_true", help="also print the top Python functions of one step (cProfile)")
     args = parser.parse_args()
     device = init_fake(args) if args.fake_world else init(args)
     tiny = args.tiny
@@ -63,6 +64,8 @@ def main() -> None:
     with torch.profiler.profile(activities=activities) as prof:
         pipe(**inputs, num_inference_steps=args.steps)
         sync()
+    if args.cprofile and dist.get_rank() == 0:
+        python_profile(lambda: (pipe(**inputs, num_inference_steps=1), sync()))
     if dist.get_rank() == 0:
         events = prof.key_averages()
         device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -78,6 +81,20 @@ def main() -> None:
         name = args.config.replace('=', '').replace(',', '_') + (f"_fake{args.fake_world}" if args.fake_world else "")
         (args.out / f"eager_profile_{name}.txt").write_text(text)
     dist.destroy_process_group()
+
+
+def python_profile(step) -> None:
+    """Top Python functions of one call of `step` by own time and by cumulative time (host side)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(step)
+    for order in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(30)
+        print(f"cProfile, one step, by {order}:\n" + text.getvalue(), flush=True)
 
 
 if __name__ == "__main__":

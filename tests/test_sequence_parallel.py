@@ -26,18 +26,18 @@ def _mesh(config: ParallelConfig) -> ParallelMesh:
     return ParallelMesh.build(config)  # per job: the pool destroys a job's groups when it ends
 
 
-def _tiny(family: str, num_heads: int, size: tuple[int, int], batch: int):
+def _tiny(family: str, num_heads: int, size: tuple[int, int], batch: int, text_len: int = 5):
     """(model, inputs): FLUX sizes are latent pixels (tokens = h/2 * w/2), SD3 latent size (patch 2)."""
     height, width = size
     if family == "flux":
         model = tiny_flux_transformer(num_heads=num_heads, head_dim=16, num_layers=1, num_single_layers=1)
-        inputs = flux_transformer_inputs(batch=batch, height=height, width=width, text_len=5)
+        inputs = flux_transformer_inputs(batch=batch, height=height, width=width, text_len=text_len)
     elif family == "sd35m":  # SD3.5-medium: blocks with a second, image-only attention (attn2)
         model = _tiny_sd35_medium(num_heads)
-        inputs = sd3_transformer_inputs(batch=batch, height=height, width=width, text_len=5)
+        inputs = sd3_transformer_inputs(batch=batch, height=height, width=width, text_len=text_len)
     else:
         model = tiny_sd3_transformer(num_heads=num_heads, head_dim=16, num_layers=2)
-        inputs = sd3_transformer_inputs(batch=batch, height=height, width=width, text_len=5)
+        inputs = sd3_transformer_inputs(batch=batch, height=height, width=width, text_len=text_len)
     return model, inputs
 
 
@@ -55,10 +55,10 @@ def _tiny_sd35_medium(num_heads: int):
     ).eval()
 
 
-def check_forward(family, degrees, num_heads=4, size=(16, 16), batch=1, backend="auto"):
+def check_forward(family, degrees, num_heads=4, size=(16, 16), batch=1, backend="auto", text_len=5):
     config = ParallelConfig(**degrees, attention_backend=backend)
     mesh = _mesh(config)
-    model, inputs = _tiny(family, num_heads, size, batch)
+    model, inputs = _tiny(family, num_heads, size, batch, text_len)
     seen = []  # (text, image) tokens entering the first block on this rank
     model.transformer_blocks[0].register_forward_pre_hook(
         lambda m, args, kwargs: seen.append((kwargs["encoder_hidden_states"].shape[1], kwargs["hidden_states"].shape[1])),
@@ -77,10 +77,10 @@ def check_forward(family, degrees, num_heads=4, size=(16, 16), batch=1, backend=
     return (out - expected).abs().max().item()
 
 
-def check_backward(family, degrees, num_heads=4, size=(12, 14), checkpointing=False):
+def check_backward(family, degrees, num_heads=4, size=(12, 14), checkpointing=False, text_len=5):
     config = ParallelConfig(**degrees)
     mesh = _mesh(config)
-    model, inputs = _tiny(family, num_heads, size, batch=1)
+    model, inputs = _tiny(family, num_heads, size, batch=1, text_len=text_len)
     if checkpointing:
         model.enable_gradient_checkpointing()
     grads_in = ("hidden_states", "encoder_hidden_states")
@@ -122,7 +122,7 @@ def check_parallelize(degrees):
     return True
 
 
-def check_compiled(family, degrees, size):
+def check_compiled(family, degrees, size, text_len=5):
     """Blocks compiled whole (fullgraph) around the sequence-parallel attention, as `parallelize`
     does on CUDA: the Ulysses all-to-alls and the ring's all-gather trace into the graphs."""
     from torch._dynamo.utils import counters
@@ -131,7 +131,7 @@ def check_compiled(family, degrees, size):
     from ditmesh.parallel.fastpath import compile_repeated_blocks
 
     config = ParallelConfig(**degrees)
-    model, inputs = _tiny(family, 4, size, 1)
+    model, inputs = _tiny(family, 4, size, 1, text_len)
     with torch.no_grad():
         expected = model(**inputs)[0]
         wrapped = parallelize(model, config, mesh=_mesh(config), compile=False)
@@ -366,3 +366,55 @@ def check_reorder_comms_reaches_inductor(degrees):
 def test_reorder_comms_options_reach_the_block_compiles(pools, degrees, reordered):
     for blocks, with_knobs, without in pools(2).run(check_reorder_comms_reaches_inductor, degrees):
         assert blocks == 2 and (with_knobs if reordered else without)
+
+
+# ---- Ulysses over unpadded joint sequences: packed once, no unpacking -------------------------
+
+
+def check_packed(family, degrees, num_heads, size, batch, text_len, how="forward"):
+    """`check_forward` / `check_backward` / `check_compiled` where no stream needs padding and
+    the heads divide by the ulysses degree; returns how many exchanges took the packed layout."""
+    from ditmesh.parallel import ulysses
+
+    packed = []
+    original = ulysses.start_packed_exchange
+    ulysses.start_packed_exchange = lambda *a, **k: packed.append(1) or original(*a, **k)
+    try:
+        if how == "backward":
+            check_backward(family, degrees, num_heads=num_heads, size=size, text_len=text_len)
+        elif how == "compiled":
+            assert check_compiled(family, degrees, size, text_len) <= 1e-4
+        else:
+            check_forward(family, degrees, num_heads=num_heads, size=size, batch=batch, text_len=text_len)
+    finally:
+        ulysses.start_packed_exchange = original
+    return len(packed)
+
+
+# (family, world, degrees, heads, size, batch, text tokens, packed exchanges per forward: 2 layers x groups)
+PACKED = {
+    # FLUX 16x16 latents -> 64 image tokens, 6 text tokens: both divide by 2.
+    "flux-ulysses2": ("flux", 2, dict(ulysses_degree=2), 4, (16, 16), 1, 6, 2),
+    "flux-ulysses2-batch2-2groups": ("flux", 2, dict(ulysses_degree=2, ulysses_head_groups=2), 4, (16, 16), 2, 6, 4),
+    # SD3 16x16 latents, patch 2 -> 64 image tokens, 8 text tokens over 4 ranks; 8 heads.
+    "sd3-ulysses4": ("sd3", 4, dict(ulysses_degree=4), 8, (16, 16), 1, 8, 2),
+    "sd3-ulysses2-data2": ("sd3", 4, dict(ulysses_degree=2, data_degree=2), 4, (16, 16), 2, 8, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED))
+def test_packed_ulysses_matches_serial(pools, case):
+    family, world, degrees, heads, size, batch, text_len, exchanges = PACKED[case]
+    assert pools(world).run(check_packed, family, degrees, heads, size, batch, text_len) == [exchanges] * world
+
+
+@pytest.mark.parametrize("how", ["backward", "compiled"])
+def test_packed_ulysses_backward_and_compiled_match_serial(pools, how):
+    # compiled: traced once per block class (double, single) = 2 exchanges.
+    assert pools(2).run(check_packed, "flux", dict(ulysses_degree=2), 4, (16, 16), 1, 6, how) == [2, 2]
+
+
+def test_padding_or_ring_keeps_the_general_layout(pools):
+    # 5 text tokens over 2 ranks need padding; ring inside USP: neither takes the packed layout.
+    assert pools(2).run(check_packed, "flux", dict(ulysses_degree=2), 4, (16, 16), 1, 5) == [0, 0]
+    assert pools(4).run(check_packed, "flux", dict(ulysses_degree=2, ring_degree=2), 4, (16, 16), 1, 8) == [0] * 4

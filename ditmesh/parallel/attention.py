@@ -144,6 +144,8 @@ def attention(q_BHSD, k_BHSD, v_BHSD, *, ctx: SequenceContext | None = None, sca
     """
     if ctx is None or ctx.num_tokens is None:
         return local_attention(q_BHSD, k_BHSD, v_BHSD, backend, scale=scale)
+    if _packed_ulysses_fits(q_BHSD, ctx):
+        return _packed_ulysses(q_BHSD, k_BHSD, v_BHSD, ctx, scale)
     num_text = q_BHSD.shape[2] - ctx.local_len
     assert num_text >= 0 and k_BHSD.shape[2] == q_BHSD.shape[2], (q_BHSD.shape, k_BHSD.shape, ctx.local_len)
     (qi, qt), (ki, kt), (vi, vt) = (_split_joint(x, num_text, ctx.joint_text) for x in (q_BHSD, k_BHSD, v_BHSD))
@@ -153,6 +155,31 @@ def attention(q_BHSD, k_BHSD, v_BHSD, *, ctx: SequenceContext | None = None, sca
         assert num_text in (0, ctx.text_len), (num_text, ctx.text_len)
         out_i, out_t = _sharded_attention(qi, ki, vi, qt, kt, vt, ctx, scale, ctx.num_text if num_text else 0)
     return _join_joint(out_i, out_t, ctx.joint_text)
+
+
+def _packed_ulysses_fits(q_BHSD: torch.Tensor, ctx: SequenceContext) -> bool:
+    """Ulysses alone (no ring), no padding in any stream, heads divisible by U, text sharded (or
+    none): the joint tokens can travel as they are (`ulysses.start_packed_exchange`)."""
+    degree = ctx.ulysses_size
+    num_text = q_BHSD.shape[2] - ctx.local_len
+    text_sharded = num_text == 0 or (ctx.text_len == num_text and ctx.num_text == num_text * degree)
+    return (degree > 1 and ctx.ring_size == 1 and q_BHSD.shape[1] % degree == 0 and text_sharded
+            and ctx.num_tokens == ctx.local_len * degree)
+
+
+def _packed_ulysses(q_BHSD, k_BHSD, v_BHSD, ctx: SequenceContext, scale):
+    """Ulysses over the unpadded joint sequence, in `ctx.head_groups` pipelined groups (as
+    `_ulysses_in_groups`, same start order on every rank): one packing copy in, one copy out."""
+    degree = ctx.ulysses_size
+    groups = ulysses.head_groups(q_BHSD.shape[1] // degree, ctx.head_groups)
+    incoming = [ulysses.start_packed_exchange(q_BHSD, k_BHSD, v_BHSD, ctx.ulysses_group, groups[0])]
+    outgoing = []
+    for g in range(len(groups)):
+        if g + 1 < len(groups):
+            incoming.append(ulysses.start_packed_exchange(q_BHSD, k_BHSD, v_BHSD, ctx.ulysses_group, groups[g + 1]))
+        q, k, v = incoming[g]()
+        outgoing.append(ulysses.start_packed_return(local_attention(q, k, v, ctx.backend, scale=scale), ctx.ulysses_group))
+    return ulysses.join_packed([finish() for finish in outgoing])
 
 
 def _replicated_text_attention(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale):

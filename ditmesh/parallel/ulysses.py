@@ -89,3 +89,47 @@ def join_head_groups(received: list[torch.Tensor], lengths: list[int], num_heads
     joint = torch.cat(received, dim=2) if len(received) > 1 else received[0]  # (U, B, Hp/U, sum S_i/U, D)
     joint = joint.permute(1, 0, 2, 3, 4).flatten(1, 2)[:, :num_heads]  # (B, H, sum S_i/U, D)
     return list(joint.split(lengths, dim=2))
+
+
+# ---- unpadded joint sequences: one pack, no unpack ----------------------------------------------
+#
+# Where no stream has padding and the heads divide by U, a rank's joint tokens (whatever their
+# stream order) can travel as they are: attention does not care in which order the keys come,
+# and each query's output goes back to where the query came from. The q/k/v of a head group are
+# packed once as (U, S/U, B, 3, h, D); what arrives, (U, S/U, B, 3, h, D) from rank 0..U-1, is
+# already (S, B, 3, h, D) for attention (strided views, no copy), and the attention output
+# (B, h, S, D) goes back as it lies when it is sequence-major (B = 1 with flash/cuDNN layouts).
+
+
+def start_packed_exchange(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, group: dist.ProcessGroup,
+                          heads: tuple[int, int]) -> Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Start sending heads [start, end) of every rank's share (H/U each) of this rank's S/U tokens
+    to that rank; ``finish()`` -> q, k, v (B, end - start, S, D) over the group's tokens, rank
+    r's at [r*S/U, (r+1)*S/U) (strided views of the receive buffer)."""
+    degree = dist.get_world_size(group)
+
+    def per_rank(x):  # (B, H, S/U, D) -> (U, S/U, B, h, D) view
+        return x.permute(2, 0, 1, 3).unflatten(2, (degree, -1))[:, :, :, heads[0]:heads[1]].permute(2, 0, 1, 3, 4)
+
+    finish_exchange = start_exchange(torch.stack([per_rank(x) for x in (q_BHSD, k_BHSD, v_BHSD)], dim=3), group)
+
+    def finish():
+        received = finish_exchange().flatten(0, 1)  # (S, B, 3, h, D): rank r's tokens at [r*S/U, (r+1)*S/U)
+        return tuple(received[:, :, i].permute(1, 2, 0, 3) for i in range(3))
+
+    return finish
+
+
+def start_packed_return(out_BhSD: torch.Tensor, group: dist.ProcessGroup) -> Callable[[], torch.Tensor]:
+    """Send each rank the attention output of its tokens, (B, h, S, D) -> ``finish()`` ->
+    (U, S/U, B, h, D): [r] is rank r's heads of the group for this rank's tokens."""
+    degree = dist.get_world_size(group)
+    return start_exchange(out_BhSD.permute(2, 0, 1, 3).unflatten(0, (degree, -1)), group)
+
+
+def join_packed(received: list[torch.Tensor]) -> torch.Tensor:
+    """Finished returns of a rank's head groups, in head order -> (B, H, S/U, D), laid out
+    sequence-major (B, S/U, H, D) in memory: the processor's own output layout."""
+    parts = [r.permute(2, 1, 0, 3, 4) for r in received]  # (B, S/U, U, h, D) each
+    joint = torch.cat(parts, dim=3) if len(parts) > 1 else parts[0].contiguous()  # (B, S/U, U, H/U, D)
+    return joint.flatten(2, 3).permute(0, 2, 1, 3)
