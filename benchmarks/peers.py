@@ -425,7 +425,8 @@ def ordered(rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], env: dict, best: dict | None) -> str:
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-    lines = [f"# ditmesh and its peers on {env['device']} x{env['world']}", "",
+    where = f"one {env['device']}, fake process group of {env['world']}" if env.get("fake") else f"{env['device']} x{env['world']}"
+    lines = [f"# ditmesh and its peers on {where}", "",
              f"Command: `{env['command']}`", "",
              f"torch {env['torch']}, diffusers {env['diffusers']}, xfuser {env['xfuser']}; FLUX.1-dev-architecture "
              f"transformer ({env['layers']} blocks, {env['heads']}), random {env['dtype']} weights, "
@@ -543,6 +544,7 @@ def main() -> None:
     stem = args.out / f"peers_{args.tag or machine_tag(device, world, args.tiny, fake)}"
     env = environment(settings, device, world)
     if fake:
+        env["fake"] = True
         env["command"] = " ".join(["python3", os.path.relpath(sys.argv[0])] + sys.argv[1:])
         env["notes"].insert(0, f"FAKE PROCESS GROUP: one process on one GPU as rank 0 of {world}; collectives return at "
                                "once and move no data. Each parallel row is one rank's compute and host cost at its "

@@ -407,6 +407,65 @@ def set_inductor_knobs(settings: list[str]) -> None:
         setattr(inductor, knob, parsed)
 
 
+# The exchange's cost measured at W = 2: the 2-H200 step of ditmesh ulysses=2 compiled + CUDA graphs
+# (peers_h200_x2.md, 83.8 ms at a 132.2 ms serial step) minus one rank's compute of the same code
+# under the fake group (peers_h200_fake2, first run at that commit: 76.68 ms at a 134.11 ms serial
+# step), each scaled to its own run's serial step: 0.0621 x serial = 8.2 ms at 131.5 ms.
+EXCHANGE_W2_FRACTION = 83.8 / 132.2 - 76.68 / 134.11
+
+
+def fitted_alpha(config: dict, tokens: tuple[int, int], serial_ms: float) -> float:
+    """alpha (s) for which comm_ms(2) equals the exchange cost measured at W = 2."""
+    measured = EXCHANGE_W2_FRACTION * serial_ms
+    bandwidth_only = comm_ms(2, "split", config, tokens, alpha=0.0)
+    layers = config["num_layers"] + config["num_single_layers"]
+    return max(0.0, (measured - bandwidth_only) / (2 * layers)) / 1e3
+
+
+def project_fake(paths: list[Path], out: Path) -> None:
+    """Append to scaling_projection.md: one rank's compute of the real code path at W (peers.py
+    --fake-world W on one GPU) plus the exchange model, for ulysses=W."""
+    from ditmesh.models.flux import FLUX_DEV_CONFIG as config
+
+    tokens = (TEXT, IMAGE)
+    lines = ["", "## From one rank of the real code path (`peers.py --fake-world W`)", "",
+             f"Command: `python3 benchmarks/scaling.py --project-fake {' '.join(str(p) for p in paths)}`", "",
+             "compute(W): `python3 benchmarks/peers.py --fake-world W` on one H200: one process is rank 0 of W in",
+             "torch's fake process group, so the whole code path of ulysses=W runs at the rank's shapes (packing,",
+             "attention, joins, hooks) and every collective returns at once; serial rows in the same run.",
+             "comm(W) as above with three alphas: 108 us (P2P hops), the alpha that makes comm(2) equal the",
+             f"exchange cost measured on 2 H200s ({100 * EXCHANGE_W2_FRACTION:.1f} % of the serial step: the x2 step minus",
+             "the fake-group step of the same code, each over its run's serial step), and 0 (bandwidth only).",
+             "'compute only' is the bound if the exchange were hidden completely.", "",
+             "| W | framework | step issued as | compute ms | serial ms | speed-up, alpha 108 us | alpha fitted | "
+             "alpha 0 | compute only |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for path in paths:
+        rows = json.loads(path.read_text())
+        serial = min(r["step_ms"] for r in rows if r["config"] == "serial" and r["compiled"] and r["step_ms"])
+        alpha = fitted_alpha(config, tokens, serial)
+        for r in rows:
+            if not r["config"].startswith("ulysses=") or not r["compiled"] or not r["step_ms"]:
+                continue
+            degree = ulysses_degree_of(r["config"])
+            comms = [comm_ms(degree, "split", config, tokens, alpha=a) for a in (ALPHA, alpha, 0.0)]
+            issued = "compiled + CUDA graphs" if r["cuda_graphs"] else "compiled"
+            speedups = " | ".join(f"{serial / (r['step_ms'] + c):.2f}x" for c in comms)
+            lines.append(f"| {degree} | {r['framework']} {r['config']} | {issued} | {r['step_ms']:.2f} | {serial:.2f} | "
+                         f"{speedups} | {serial / r['step_ms']:.2f}x |")
+        lines.append(f"|  | fitted alpha for {path.stem}: {alpha * 1e6:.0f} us |  |  |  |  |  |  |  |")
+    text = out.read_text() if out.exists() else ""
+    marker = "\n## From one rank of the real code path"
+    text = text.split(marker)[0].rstrip("\n") + "\n"
+    out.write_text(text + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def ulysses_degree_of(config: str) -> int:
+    from ditmesh import ParallelConfig
+
+    return ParallelConfig.parse(config).ulysses_degree
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -430,7 +489,11 @@ def main() -> None:
     parser.add_argument("--variants", default="split,replicated",
                         help="per degree: split / replicated text, compiled as parallelize does; split-graphs: "
                              "split text, the compiled step captured whole in one CUDA graph and replayed")
+    parser.add_argument("--project-fake", nargs="+", type=Path, default=None,
+                        help="append to scaling_projection.md (in --out) the projection from peers.py --fake-world results")
     args = parser.parse_args()
+    if args.project_fake:
+        return project_fake(args.project_fake, args.out / "scaling_projection.md")
     if args.project:
         return project_files(args.project, args.out / "scaling_projection.md")
     args.deadline = time.time() + args.deadline_s
