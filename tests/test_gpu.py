@@ -256,3 +256,31 @@ def test_nccl_collective_runs_inside_a_cuda_graph(world1):
         x = torch.full((4, 8), value, device=world1)
         torch.testing.assert_close(graphed(x), torch.full((4, 8), 3 * value, device=world1))
     assert len(graphed._graphs) == 1
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="strided inputs reach cuDNN/flash only on CUDA")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_packed_ulysses_views_attend_like_the_reference(batch):
+    """The packed Ulysses layout hands attention strided views of the receive buffer
+    (S, B, 3, h, D) and joins the returned output sequence-major; on CUDA with cuDNN first (as
+    parallelize sets it) both must give plain attention's result."""
+    from torch.nn.attention import sdpa_kernel
+
+    from ditmesh.kernels import reference
+    from ditmesh.parallel.attention import local_attention
+    from ditmesh.parallel.fastpath import _SDPA_PRIORITY
+    from ditmesh.parallel.ulysses import join_packed
+
+    torch.manual_seed(0)
+    received = torch.randn(2 * 1152, batch, 3, 12, 128, device="cuda", dtype=torch.bfloat16)  # 2 ranks' tokens
+    q, k, v = (received[:, :, i].permute(1, 2, 0, 3) for i in range(3))
+    with sdpa_kernel(_SDPA_PRIORITY, set_priority=True):
+        out = local_attention(q, k, v)
+    expected, _ = reference.attention_lse(*(x.float() for x in (q, k, v)), None)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
+    # The return: rank r's share of this rank's tokens -> (B, H, S/U, D) in sequence-major memory.
+    sent = out.permute(2, 0, 1, 3).unflatten(0, (2, -1))  # (U, S/U, B, h, D) as start_packed_return sends it
+    joined = join_packed([sent])  # as if rank 0 and 1 had returned these two halves
+    assert joined.shape == (batch, 2 * 12, 1152, 128) and joined.permute(0, 2, 1, 3).is_contiguous()
+    torch.testing.assert_close(joined[:, :12], out[:, :, :1152], atol=0, rtol=0)
+    torch.testing.assert_close(joined[:, 12:], out[:, :, 1152:], atol=0, rtol=0)
