@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     bench.add_argument("--eager", action="store_true", help="no torch.compile of the blocks (compiled on GPUs by default)")
     bench.add_argument("--cuda-graphs", action="store_true",
-                       help="replay each step as one CUDA graph under several GPUs too (default: on one GPU only)")
+                       help="replay each step as one CUDA graph under several GPUs also with --eager "
+                            "(default: on one GPU, and on several when compiled)")
     bench.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
     bench.set_defaults(run=_bench)
 

@@ -29,8 +29,11 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     (None: compile on CUDA only; the first forward then compiles, for seconds). `autotune=True`
     adds inductor's coordinate-descent kernel tuning to the compile (many times slower to
     compile; `benchmarks/scaling.py` measures what it gains). `cuda_graphs` replays each denoiser
-    step as one captured CUDA graph (`graphs.py`; None: on a single GPU, where no collective is
-    captured; True also under a process group, which NCCL collectives then run inside).
+    step as one captured CUDA graph, the collectives of compiled blocks inside it (`graphs.py`;
+    None: on one GPU, and under a process group where the blocks are compiled; True: also eager
+    under a process group). Issuing a compiled FLUX step takes the host 30-50 ms, more than one
+    rank's GPU work at 4 or 8 GPUs (one rank of ulysses=8: 38.1 ms issued block by block, 23.4 ms
+    as one graph; benchmarks/results/peers_h200_fake8.md).
     """
     if config.world_size == 1 and not dist.is_initialized():
         # One process: on CUDA the single-GPU fast path; on CPU the pipeline as it is.
@@ -69,14 +72,17 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
         sequence.apply(denoiser, mesh, adapter, config)
     # 2b. regional compile of the blocks as steps 1-2 left them (Ulysses all-to-alls and the ring's
     #    all-gather are functional collectives: they sit inside the graphs, no graph break).
-    if (cuda if compile is None else compile) and whole:
+    compiled = bool(cuda if compile is None else compile) and whole
+    if compiled:
         # Head groups need the reordering too: inductor's default schedule starts each group's
         # exchange only after the previous group's attention, which leaves nothing to overlap.
         reorder = config.reorder_comms or (config.ulysses_head_groups > 1 and config.ulysses_degree > 1)
         fastpath.compile_repeated_blocks(denoiser, autotune=autotune, reorder_comms=reorder)
     # 2c. CUDA graphs around the whole denoiser as steps 1-2b left it (hooks, compiled blocks and
     #    their collectives are captured; cfg and data, which wrap it, stay outside).
-    if (dist.get_world_size() == 1 if cuda_graphs is None else cuda_graphs) and cuda and whole:
+    #    Every rank captures and replays the same calls (the strategies make them alike), so the
+    #    captured collectives pair up on replay as they did when captured.
+    if ((dist.get_world_size() == 1 or compiled) if cuda_graphs is None else cuda_graphs) and cuda and whole:
         pipe = graphs.apply(pipe, adapter)
     # 3. pipefusion: split the blocks into stages; takes over the denoising loop. Inside cfg: each
     #    guidance branch runs its own pipeline of stages, exchanging predictions per patch.

@@ -40,7 +40,7 @@ class DiffusionWorker(DistributedWorker):
               compile: bool | None = None, cuda_graphs: bool | None = None) -> None:
         """Load `model` (a tiny name or a local diffusers folder) in `dtype` on this rank's device
         and parallelize it with `parallel` (a `ParallelConfig` or its string form). `compile` and
-        `cuda_graphs` are `parallelize`'s (None: compiled on CUDA, graphed on one GPU)."""
+        `cuda_graphs` are `parallelize`'s (None: compiled on CUDA, each step one CUDA graph)."""
         config = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig.parse(parallel)
         config.check_world_size(self.world_size)
         pipe = load_pipeline(model, dtype=dtype, device=self.device)
