@@ -418,3 +418,33 @@ def test_padding_or_ring_keeps_the_general_layout(pools):
     # 5 text tokens over 2 ranks need padding; ring inside USP: neither takes the packed layout.
     assert pools(2).run(check_packed, "flux", dict(ulysses_degree=2), 4, (16, 16), 1, 5) == [0, 0]
     assert pools(4).run(check_packed, "flux", dict(ulysses_degree=2, ring_degree=2), 4, (16, 16), 1, 8) == [0] * 4
+
+
+def check_cuda_graph_default(degrees, compile):
+    """Which configs `parallelize` graphs by default on CUDA (the device check and the compile
+    stubbed, so this runs on gloo): every world size where the blocks are whole and compiled."""
+    import importlib
+
+    from ditmesh.parallel import fastpath, graphs
+
+    entry = importlib.import_module("ditmesh.parallel.parallelize")  # the module (the package exports the function)
+
+    applied = []
+    saved = entry._on_cuda, fastpath.compile_repeated_blocks, graphs.apply
+    entry._on_cuda = lambda pipe: True
+    fastpath.compile_repeated_blocks = lambda *a, **k: None
+    graphs.apply = lambda pipe, adapter: applied.append(1) or pipe
+    try:
+        model, _ = _tiny("flux", 4, (16, 16), 1)
+        entry.parallelize(model, ParallelConfig(**degrees), mesh=_mesh(ParallelConfig(**degrees)), compile=compile)
+    finally:
+        entry._on_cuda, fastpath.compile_repeated_blocks, graphs.apply = saved
+    return bool(applied)
+
+
+@pytest.mark.parametrize("degrees,compile,graphed", [(dict(ulysses_degree=2), None, True),
+                                                     (dict(ring_degree=2), None, True),
+                                                     (dict(ulysses_degree=2), False, False),
+                                                     (dict(tensor_degree=2), None, False)])
+def test_cuda_graphs_by_default_where_blocks_are_compiled(pools, degrees, compile, graphed):
+    assert pools(2).run(check_cuda_graph_default, degrees, compile) == [graphed, graphed]
