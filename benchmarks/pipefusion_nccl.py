@@ -288,6 +288,9 @@ def main() -> None:
     parser.add_argument("--loops", type=int, default=3, help="timed denoising loops per row (median)")
     parser.add_argument("--no-xdit", action="store_true", help="leave out the xDiT rows")
     parser.add_argument("--no-ditmesh", action="store_true", help="leave out the ditmesh rows (e.g. xDiT alone)")
+    parser.add_argument("--row-timeout-s", type=float, default=0.0,
+                        help="a PipeFusion row running longer than this: every rank prints its stacks and exits "
+                             "(the report then marks the row as not finished)")
     parser.add_argument("--stack-dump-s", type=float, default=0.0,
                         help="every this many seconds, each rank prints its Python stacks (faulthandler): where a hang sits")
     parser.add_argument("--nccl-timeout", type=float, default=60.0, help="seconds before the watchdog aborts a stuck collective")
@@ -310,10 +313,20 @@ def main() -> None:
     runs = ([("ditmesh", count) for count in patches if not args.no_ditmesh]
             + [("xDiT", count) for count in patches if not args.no_xdit])
     for impl, count in runs if world > 1 else []:
+        if rank == 0:  # the row as it stands if the process ends inside it (a hang ended by a limit)
+            write_report(args, settings, device, world, rows + [dict(impl=impl, config=f"{count} patches", skipped=(
+                "did not finish: the process ended while this row ran (a hang or a time limit; "
+                "--stack-dump-s shows where)"))], notes)
+        if args.row_timeout_s > 0:  # every rank: print the stacks and exit if the row takes longer
+            faulthandler.dump_traceback_later(args.row_timeout_s, exit=True)
         if impl == "ditmesh":
             rows.append(safely(lambda: ditmesh_row(settings, device, count, reference), impl))
         else:
             rows.append(safely(lambda: xdit_row(settings, device, count, reference), impl, (Exception,)))
+        if args.row_timeout_s > 0:
+            faulthandler.cancel_dump_traceback_later()
+            if args.stack_dump_s > 0:
+                faulthandler.dump_traceback_later(args.stack_dump_s, repeat=True)
         if rank == 0:
             print(f"{impl} pipefusion={world}, {count} patches: {rows[-1]}", flush=True)
             write_report(args, settings, device, world, rows, notes)  # after every row: a later hang keeps these
