@@ -30,8 +30,8 @@ def test_world_size_is_product_of_degrees():
         ("ulysses=2,ulysses=4", "given twice"),
         ("warmup_steps=-1", ">= 0"),
         ("attention_backend=flash9", "use one of"),
-        ("ulysses_head_groups=0", "positive integer"),
-        ("reorder_comms=yes", "must be 1 or 0"),
+        ("ulysses=2,ulysses_head_groups=0", "positive integer"),
+        ("ulysses=2,reorder_comms=yes", "must be 1 or 0"),
     ],
 )
 def test_bad_values_name_the_fix(text, match):
@@ -51,7 +51,17 @@ def test_world_size_mismatch():
 
 
 def test_boolean_settings_parse():
-    assert ParallelConfig.parse("reorder_comms=1").reorder_comms is True
+    assert ParallelConfig.parse("ring=2,reorder_comms=1").reorder_comms is True
     assert ParallelConfig.parse("reorder_comms=false").reorder_comms is False
     with pytest.raises(ValueError, match="True or False"):
-        ParallelConfig(reorder_comms=1)
+        ParallelConfig(ulysses_degree=2, reorder_comms=1)
+
+
+@pytest.mark.parametrize("text, match", [("ring=2,ulysses_head_groups=2", "set ulysses_degree > 1 or drop it"),
+                                         ("tensor=2,reorder_comms=1", "set ulysses_degree or ring_degree > 1")])
+def test_settings_that_would_do_nothing_are_refused(text, match):
+    from ditmesh.models.tiny import tiny_flux_transformer
+    from ditmesh.parallel.validate import config_problems
+
+    problems = config_problems(tiny_flux_transformer(num_layers=1, num_single_layers=1), ParallelConfig.parse(text))
+    assert any(match in p for p in problems), problems

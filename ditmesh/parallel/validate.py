@@ -64,7 +64,19 @@ def config_problems(pipe: Any, config: ParallelConfig, *, device_type: str = "cp
         return problems  # the rules below read the plans
     problems += _tensor_problems(config, adapter, denoiser)
     problems += _ring_problems(config, device_type)
+    problems += _setting_problems(config)
     problems += composition_problems(pipe, config, adapter)
+    return problems
+
+
+def _setting_problems(config: ParallelConfig) -> list[str]:
+    """Settings that would do nothing under this config's degrees."""
+    problems = []
+    if config.ulysses_head_groups > 1 and config.ulysses_degree == 1:
+        problems.append("ulysses_head_groups > 1 has nothing to overlap without Ulysses; set ulysses_degree > 1 or drop it")
+    if config.reorder_comms and config.sequence_degree == 1:
+        problems.append("reorder_comms reorders the compiled blocks' sequence exchanges; set ulysses_degree or "
+                        "ring_degree > 1, or drop it")
     return problems
 
 
