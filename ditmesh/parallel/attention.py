@@ -168,18 +168,31 @@ def _packed_ulysses_fits(q_BHSD: torch.Tensor, ctx: SequenceContext) -> bool:
 
 
 def _packed_ulysses(q_BHSD, k_BHSD, v_BHSD, ctx: SequenceContext, scale):
-    """Ulysses over the unpadded joint sequence, in `ctx.head_groups` pipelined groups (as
-    `_ulysses_in_groups`, same start order on every rank): one packing copy in, one copy out."""
-    degree = ctx.ulysses_size
-    groups = ulysses.head_groups(q_BHSD.shape[1] // degree, ctx.head_groups)
-    incoming = [ulysses.start_packed_exchange(q_BHSD, k_BHSD, v_BHSD, ctx.ulysses_group, groups[0])]
+    """Ulysses over the unpadded joint sequence, in `ctx.head_groups` pipelined groups: one
+    packing copy in, one copy out."""
+    group = ctx.ulysses_group
+    received = _pipelined_head_groups(
+        ulysses.head_groups(q_BHSD.shape[1] // ctx.ulysses_size, ctx.head_groups),
+        start_in=lambda heads: ulysses.start_packed_exchange(q_BHSD, k_BHSD, v_BHSD, group, heads),
+        attend=lambda qkv: local_attention(*qkv, ctx.backend, scale=scale),
+        start_out=lambda out: ulysses.start_packed_return(out, group))
+    return ulysses.join_packed(received)
+
+
+def _pipelined_head_groups(groups: list[tuple[int, int]], *, start_in, attend, start_out) -> list[torch.Tensor]:
+    """Per head group: start its exchange in, attend what arrives, start the output's return;
+    group g+1's exchange is started before group g attends, so it is in flight meanwhile, and
+    g's return travels while g+1 attends. Returns the finished returns in group order.
+
+    Every rank starts the exchanges in the same order: in, in, out, in, out, ... (one
+    communicator runs its collectives in the order they are started)."""
+    incoming = [start_in(groups[0])]
     outgoing = []
     for g in range(len(groups)):
         if g + 1 < len(groups):
-            incoming.append(ulysses.start_packed_exchange(q_BHSD, k_BHSD, v_BHSD, ctx.ulysses_group, groups[g + 1]))
-        q, k, v = incoming[g]()
-        outgoing.append(ulysses.start_packed_return(local_attention(q, k, v, ctx.backend, scale=scale), ctx.ulysses_group))
-    return ulysses.join_packed([finish() for finish in outgoing])
+            incoming.append(start_in(groups[g + 1]))
+        outgoing.append(start_out(attend(incoming[g]())))
+    return [finish() for finish in outgoing]
 
 
 def _replicated_text_attention(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale):
@@ -204,25 +217,21 @@ def _sharded_attention(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale, num_
 
 
 def _ulysses_in_groups(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale, num_text: int):
-    """Ulysses with a rank's heads in `ctx.head_groups` groups, pipelined: group g+1's all-to-all
-    is in flight while group g attends, and group g's output travels back while g+1 attends
-    (heads attend independently, so the result equals one exchange of all heads).
-
-    Every rank starts the exchanges in the same order: in, in, out, in, out, ... (one group's
-    NCCL collectives run in the order they are started)."""
-    num_heads, lengths = qi.shape[1], [qi.shape[2], qt.shape[2]]
+    """Ulysses with a rank's heads in `ctx.head_groups` pipelined groups (heads attend
+    independently, so the result equals one exchange of all heads)."""
+    num_heads, lengths, group = qi.shape[1], [qi.shape[2], qt.shape[2]], ctx.ulysses_group
     streams = [torch.cat([qi, ki, vi]), torch.cat([qt, kt, vt])]
-    groups = ulysses.head_groups(ulysses.padded_heads(num_heads, ctx.ulysses_size) // ctx.ulysses_size, ctx.head_groups)
-    incoming = [ulysses.start_heads_to_sequence(streams, ctx.ulysses_group, groups[0])]
-    outgoing = []
-    for g in range(len(groups)):
-        if g + 1 < len(groups):
-            incoming.append(ulysses.start_heads_to_sequence(streams, ctx.ulysses_group, groups[g + 1]))
-        image, text = incoming[g]()
-        (qi, ki, vi), (qt, kt, vt) = image.chunk(3), text.chunk(3)
-        out_i, out_t = _attend_block(qi, ki, vi, qt, kt, vt, ctx, scale, num_text)
-        outgoing.append(ulysses.start_sequence_to_heads([out_i, out_t], ctx.ulysses_group))
-    return ulysses.join_head_groups([finish() for finish in outgoing], lengths, num_heads)
+
+    def attend(image_text):
+        (qi_, ki_, vi_), (qt_, kt_, vt_) = (x.chunk(3) for x in image_text)
+        return _attend_block(qi_, ki_, vi_, qt_, kt_, vt_, ctx, scale, num_text)
+
+    received = _pipelined_head_groups(
+        ulysses.head_groups(ulysses.padded_heads(num_heads, ctx.ulysses_size) // ctx.ulysses_size, ctx.head_groups),
+        start_in=lambda heads: ulysses.start_heads_to_sequence(streams, group, heads),
+        attend=attend,
+        start_out=lambda outs: ulysses.start_sequence_to_heads(list(outs), group))
+    return ulysses.join_head_groups(received, lengths, num_heads)
 
 
 def _attend_block(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale, num_text: int):

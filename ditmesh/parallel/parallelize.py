@@ -76,7 +76,7 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     if compiled:
         # Head groups need the reordering too: inductor's default schedule starts each group's
         # exchange only after the previous group's attention, which leaves nothing to overlap.
-        reorder = config.reorder_comms or (config.ulysses_head_groups > 1 and config.ulysses_degree > 1)
+        reorder = config.reorder_comms or config.ulysses_head_groups > 1
         fastpath.compile_repeated_blocks(denoiser, autotune=autotune, reorder_comms=reorder)
     # 2c. CUDA graphs around the whole denoiser as steps 1-2b left it (hooks, compiled blocks and
     #    their collectives are captured; cfg and data, which wrap it, stay outside).
