@@ -233,20 +233,23 @@ def test_gpu_attention_backends_at_flux_sizes(seq_q, seq_k, dim, heads):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("sizes", [[8], [1, 7], [1, 3, 3, 1]])
-def test_gpu_grouped_ring_runs_read_gather_buffers_in_place(sizes):
-    # The ring's sequence-major gather buffers (text + 8 blocks) attended run by run: cuDNN and the
-    # Triton step read the strided views directly (select.CUDNN_READS_HEADS_ADJACENT).
+@pytest.mark.parametrize("sizes, pad", [([8], 0), ([1, 7], 0), ([1, 3, 3, 1], 0), ([3, 5], 40)])
+def test_gpu_grouped_ring_runs_read_gather_buffers_in_place(sizes, pad):
+    # The ring's sequence-major gather buffers (8 blocks of [text share, image share], padding
+    # last in the last block) attended run by run: cuDNN and the Triton step read the strided
+    # views directly (select.CUDNN_READS_HEADS_ADJACENT). Reference: all real keys at once.
     from ditmesh.parallel import ring
 
-    heads, dim, text, block = 24, 128, 512, 512
-    q, _, _ = _qkv(1, heads, 576, 1, dim, torch.bfloat16, seed=8)
-    _, k, v = _qkv(1, heads, 1, text + 8 * block, dim, torch.bfloat16, seed=9)
+    heads, dim, block = 24, 128, 64 + 512  # a rank's joint tokens at ring=8: 512/8 text + 4096/8 image
+    q, _, _ = _qkv(1, heads, block, 1, dim, torch.bfloat16, seed=8)
+    _, k, v = _qkv(1, heads, 1, 8 * block, dim, torch.bfloat16, seed=9)
     k_buf, v_buf = (t.permute(2, 0, 1, 3).contiguous() for t in (k, v))
     view = k_buf[100:1400].permute(1, 2, 0, 3)
     assert not view.is_contiguous() and select._cudnn_reads(view) == select.CUDNN_READS_HEADS_ADJACENT
-    ref_out, ref_lse = reference.attention_lse(q.float(), k.float(), v.float())
-    out, lse = ring.attend_runs(q, k_buf, v_buf, block, [block] * 8, sizes, select.attention_lse, select.attention_merge_lse)
+    real = 8 * block - pad
+    ref_out, ref_lse = reference.attention_lse(q.float(), k[:, :, :real].float(), v[:, :, :real].float())
+    valid = [block] * 7 + [block - pad]
+    out, lse = ring.attend_runs(q, k_buf, v_buf, block, valid, sizes, select.attention_lse, select.attention_merge_lse)
     assert _rel_err(out, ref_out) <= 1e-2
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=2e-3)
 
