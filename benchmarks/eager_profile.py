@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true",
                         help="compile the blocks as parallelize does by default (no CUDA graphs, so the kernels stay "
                              "visible); `serial` then runs the one-GPU fast path (fastpath.apply_fastpath)")
+    parser.add_argument("--kernels", default=None, metavar="KIND", choices=[k for k, _ in KINDS] + ["other"],
+                        help="also list every kernel of this kind, e.g. 'fused (inductor triton)'")
     parser.add_argument("--graphs", action="store_true", help="with --compiled: replay the denoiser as CUDA graphs")
     parser.add_argument("--gaps", action="store_true",
                         help="list where the GPU sat idle during the profiled steps (from the trace) and what the "
@@ -91,7 +93,7 @@ def main() -> None:
         lines = [f"{args.config} {mode} on {device.type} {world}: step wall {wall_ms:.1f} ms, "
                  f"GPU kernels {device_us / 1e3 / args.steps:.1f} ms per step (sum over kernels)", "",
                  "GPU kernel time per step by kind (ms; count = kernels per step):",
-                 kernel_kinds(events, args.steps), "",
+                 kernel_kinds(events, args.steps, args.kernels), "",
                  *([idle_gaps(prof, args.steps), ""] if args.gaps and device.type == "cuda" else []),
                  "top by host (self CPU) time:", events.table(sort_by="self_cpu_time_total", row_limit=25), "",
                  "top by device time:", events.table(sort_by="self_device_time_total", row_limit=25)
@@ -114,9 +116,11 @@ KINDS = (("collective", ("nccl",)),
          ("copy", ("memcpy", "copy", "cat", "memset")))
 
 
-def kernel_kinds(events, steps: int) -> str:
-    """GPU self time per step summed by kernel kind (KINDS), with each kind's biggest kernel."""
+def kernel_kinds(events, steps: int, listed: str | None = None) -> str:
+    """GPU self time per step summed by kernel kind (KINDS), with each kind's biggest kernel;
+    every kernel of kind `listed` is listed after the table."""
     totals: dict[str, list] = {}
+    listing: list[tuple[float, float, str]] = []
     for event in events:
         if event.device_type != torch.autograd.DeviceType.CUDA or not event.self_device_time_total:
             continue
@@ -127,10 +131,16 @@ def kernel_kinds(events, steps: int) -> str:
         entry[1] += event.count
         if event.self_device_time_total > entry[2][1]:
             entry[2] = (event.key[:70], event.self_device_time_total)
+        if kind == listed:
+            listing.append((event.self_device_time_total / 1e3 / steps, event.count / steps, event.key[:110]))
     rows = [f"  {kind:<24} {us / 1e3 / steps:8.2f} ms  count {n / steps:7.0f}  top: {top[0]} ({top[1] / 1e3 / steps:.2f} ms)"
             for kind, (us, n, top) in sorted(totals.items(), key=lambda kv: -kv[1][0])]
     total = sum(v[0] for v in totals.values())
-    return "\n".join(rows + [f"  {'total':<24} {total / 1e3 / steps:8.2f} ms"])
+    rows.append(f"  {'total':<24} {total / 1e3 / steps:8.2f} ms")
+    if listed:
+        rows += [f"kernels of kind {listed!r} (ms per step, calls per step):"]
+        rows += [f"  {ms:7.3f} ms {n:5.0f}x  {name}" for ms, n, name in sorted(listing, reverse=True)]
+    return "\n".join(rows)
 
 
 def idle_gaps(prof, steps: int, top: int = 12) -> str:
