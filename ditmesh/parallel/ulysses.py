@@ -37,17 +37,12 @@ def head_groups(heads_per_rank: int, groups: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def heads_to_sequence(streams_BHSD: list[torch.Tensor], group: dist.ProcessGroup) -> list[torch.Tensor]:
-    """Token shards (B, H, S_i/U, D) of each stream -> head shards (B, Hp/U, S_i, D) over all the
-    group's tokens of that stream (rank r's shard at [r*S_i/U, (r+1)*S_i/U)), in one all-to-all.
-    H is zero-padded to Hp, a multiple of U."""
-    return start_heads_to_sequence(streams_BHSD, group)()
-
-
 def start_heads_to_sequence(streams_BHSD: list[torch.Tensor], group: dist.ProcessGroup,
                             heads: tuple[int, int] | None = None) -> Callable[[], list[torch.Tensor]]:
-    """`heads_to_sequence` for the heads [start, end) of every rank's share (all of them when
-    None), started: returns ``finish()`` -> per stream (B, end - start, S_i, D)."""
+    """Token shards (B, H, S_i/U, D) of each stream -> head shards over all the group's tokens of
+    that stream (rank r's shard at [r*S_i/U, (r+1)*S_i/U)), in one all-to-all: the heads
+    [start, end) of every rank's share (all Hp/U of them when None), H zero-padded to Hp, a
+    multiple of U. Started, not waited: returns ``finish()`` -> per stream (B, end - start, S_i, D)."""
     degree = dist.get_world_size(group)
     lengths = [x.shape[2] for x in streams_BHSD]
     joint = pad_dim(torch.cat(streams_BHSD, dim=2), 1, padded_heads(streams_BHSD[0].shape[1], degree))
@@ -65,17 +60,10 @@ def start_heads_to_sequence(streams_BHSD: list[torch.Tensor], group: dist.Proces
     return finish
 
 
-def sequence_to_heads(streams_BhSD: list[torch.Tensor], group: dist.ProcessGroup, num_heads: int) -> list[torch.Tensor]:
-    """Inverse of `heads_to_sequence`: head shards (B, Hp/U, S_i, D) -> token shards
-    (B, num_heads, S_i/U, D) of each stream, padding heads dropped."""
-    degree = dist.get_world_size(group)
-    return join_head_groups([start_sequence_to_heads(streams_BhSD, group)()], [x.shape[2] // degree for x in streams_BhSD], num_heads)
-
-
 def start_sequence_to_heads(streams_BhSD: list[torch.Tensor], group: dist.ProcessGroup) -> Callable[[], torch.Tensor]:
-    """Start the inverse exchange of one head group (B, h, S_i, D) per stream; ``finish()`` ->
-    (U, B, h, sum S_i/U, D): [r] is rank r's heads of the group for this rank's tokens
-    (`join_head_groups` assembles the groups)."""
+    """Start the inverse exchange of one head group (B, h, S_i, D) per stream, back to token
+    shards; ``finish()`` -> (U, B, h, sum S_i/U, D): [r] is rank r's heads of the group for this
+    rank's tokens (`join_head_groups` assembles the groups)."""
     degree = dist.get_world_size(group)
     lengths = [x.shape[2] // degree for x in streams_BhSD]
     # (U, B, h, sum S_i/U, D): chunk r holds rank r's tokens of each stream, this rank's heads.
