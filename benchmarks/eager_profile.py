@@ -151,7 +151,7 @@ def idle_gaps(prof, steps: int, top: int = 12) -> str:
 
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        trace = json.load(open(f.name))["traceEvents"]
+        trace = json.loads(Path(f.name).read_text())["traceEvents"]
     gpu = sorted((e for e in trace if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
     host = [e for e in trace if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e]
     gaps, end, before = [], gpu[0]["ts"], gpu[0]["name"]
