@@ -34,6 +34,17 @@ def test_generate_flux_ulysses2_writes_png(tmp_path):
     assert "step 2/2" in proc.stderr  # the progress bar, driven by rank 0's stream events
 
 
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sdxl"])
+def test_generate_data2_with_one_image_writes_it(tmp_path, model):
+    # One image, two data groups: the idle group runs no step. The per-step cancel check once
+    # reduced over every rank, so rank 0 waited in it for ever (issue 24).
+    out = tmp_path / "x.png"
+    proc = run_cli("generate", "--model", model, "--parallel", "data=2", "--prompt", "a red cube", "--steps", "3",
+                   "--height", "64", "--width", "64", "-o", str(out), timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size == (64, 64) and "step 3/3" in proc.stderr
+
+
 def test_generate_bad_model_names_the_fix(tmp_path, capsys):
     assert main(["generate", "--model", "tiny-nope", "-o", str(tmp_path / "x.png")]) == 2
     assert "tiny-flux, tiny-sd3, tiny-sdxl" in capsys.readouterr().err
@@ -118,9 +129,9 @@ def test_diffusion_worker_stops_after_the_step_at_which_cancel_is_requested(monk
     calls = []
     worker.pipe.transformer.register_forward_hook(lambda *_: calls.append(1))
     checks = iter([False, True])  # the caller gives up during the second step
-    monkeypatch.setattr(worker, "cancel_requested", lambda: next(checks))
+    monkeypatch.setattr(worker, "cancel_requested", lambda group=None: next(checks))
     with pytest.raises(RequestCancelled, match="stopped after step 2 of 5"):
         worker(prompt="a cat", steps=5, height=32, width=32)
     assert len(calls) == 2  # no denoising step after the cancel
-    monkeypatch.setattr(worker, "cancel_requested", lambda: False)
+    monkeypatch.setattr(worker, "cancel_requested", lambda group=None: False)
     assert worker(prompt="a cat", steps=2, height=32, width=32)["images"][0].size == (32, 32)

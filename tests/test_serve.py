@@ -399,6 +399,32 @@ def test_mesh_queue_is_fifo_bounded_drops_waiters_that_leave_and_restarts_after_
     assert restarted == counted == 1
 
 
+def test_healthz_probe_finds_idle_ranks_that_no_longer_answer_and_restarts_them():
+    # A mesh whose processes live but never answer (a deadlock) once kept /healthz at 200.
+    from ditmesh.serve.metrics import Metrics
+    from ditmesh.serve.queue import MeshQueue
+
+    class Deaf(FakeRunner):
+        async def invoke(self, payload, timeout=None):
+            await asyncio.sleep(timeout)  # no answer within the bound
+            raise TimeoutError(f"no answer within {timeout} s")
+
+    async def scenario():
+        runner = Deaf()
+        mesh = MeshQueue(runner, max_queue=2, metrics=Metrics())
+        answered = await mesh.probe(0.01)
+        for _ in range(3):
+            await asyncio.sleep(0)  # the restart runs in the next turn, here at once
+        busy = None
+        async with mesh.turn():
+            busy = (await mesh.probe(0.01), mesh.turn_age() >= 0)  # a request holds the mesh: no probe
+        return answered, runner.restarted, busy, mesh.turn_age()
+
+    answered, restarted, busy, idle_age = asyncio.run(scenario())
+    assert answered is False and restarted == 1
+    assert busy == (None, True) and idle_age is None
+
+
 def test_no_polling_sleeps_in_server_code():
     for path in Path(__file__).parents[1].joinpath("ditmesh", "serve").glob("*.py"):
         source = path.read_text()

@@ -20,6 +20,7 @@ noise agree across the ranks that cooperate on an image.
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import numpy as np
@@ -85,27 +86,63 @@ class DataParallelPipeline(PipelineWrapper):
         num_prompts = _num_prompts(kwargs)
         per_prompt = kwargs.pop("num_images_per_prompt", None) or 1
         num_images = num_prompts * per_prompt
+        if num_images < 1:
+            raise ValueError(f"the call asks for {num_images} images; pass at least one prompt and num_images_per_prompt >= 1")
         generators = per_image_generators(kwargs.pop("generator", None), num_images)
         start, stop = shard(num_images, self._mesh.size("data"), self._mesh.rank("data"))
         local = _slice_call(kwargs, num_prompts, per_prompt, start, stop)
-        out = self._pipe(**local, generator=generators[start:stop], num_images_per_prompt=1) if stop > start else None
-        return self._gather(out, kwargs.get("return_dict", True))
-
-    def _gather(self, out: Any, return_dict: bool) -> Any:
         if self._mesh.size("data") == 1:
-            return out
+            return self._pipe(**local, generator=generators[start:stop], num_images_per_prompt=1)
+        out, failure = None, None
+        try:
+            if stop > start:  # a data group with no share runs nothing: no per-step collective of its own
+                out = self._pipe(**local, generator=generators[start:stop], num_images_per_prompt=1)
+        except Exception as error:  # noqa: BLE001 - it travels in the gather, then is raised here
+            failure = error
+        return self._gather(out, kwargs.get("return_dict", True), failure)
+
+    def _gather(self, out: Any, return_dict: bool, failure: Exception | None) -> Any:
+        """Data rank 0 of each group receives every group's share; a group that failed (raised,
+        or stopped on a cancel) sends its exception instead, so every rank still reaches this
+        one collective (no group is left waiting for one that raised) and rank 0 raises it."""
         images = None if out is None else (out.images if return_dict else out[0])
+        share = _Failure.of(failure) if failure is not None else _to_cpu(images)
         shares = [None] * self._mesh.size("data") if self._mesh.rank("data") == 0 else None
-        # Every rank takes part (idle groups send None); data rank 0 of each group receives.
-        dist.gather_object(_to_cpu(images), shares, dst=self._mesh.group_ranks("data")[0], group=self._mesh.group("data"))
+        dist.gather_object(share, shares, dst=self._mesh.group_ranks("data")[0], group=self._mesh.group("data"))
+        if failure is not None:
+            raise failure
         if shares is None:
             return out
+        for group, share in enumerate(shares):
+            if isinstance(share, _Failure):
+                raise share.error(group)
         assert out is not None, "data group 0 always has a share"
         combined = _concat([share for share in shares if share is not None], like=images)
         if return_dict:
             out.images = combined
             return out
         return (combined, *out[1:])
+
+
+class _Failure:
+    """A data group's exception as it travels to data rank 0 (pickled whole where it can be)."""
+
+    def __init__(self, error: Exception | None, text: str):
+        self._error, self._text = error, text
+
+    @classmethod
+    def of(cls, error: Exception) -> _Failure:
+        try:
+            pickle.loads(pickle.dumps(error))
+        except Exception:  # noqa: BLE001 - unpicklable: keep its type name and message
+            return cls(None, f"{type(error).__name__}: {error}")
+        return cls(error, f"{type(error).__name__}: {error}")
+
+    def error(self, group: int) -> Exception:
+        """The exception to raise on data rank 0: the group's own where it travelled whole."""
+        if self._error is not None:
+            return self._error
+        return RuntimeError(f"data group {group} failed: {self._text}")
 
 
 def check_size(adapter: Any, height: int | None, width: int | None) -> None:

@@ -70,6 +70,12 @@ class ParallelMesh:
         """Global ranks in this rank's group along `axis`, in axis order."""
         return dist.get_process_group_ranks(self.group(axis))
 
+    def ranks_by(self, axis: str) -> list[list[int]]:
+        """Global ranks grouped by their coordinate along `axis`, one list per coordinate: for
+        ``"data"``, the ranks of each data group (those that work on the same images)."""
+        index = AXES.index(axis)
+        return [self.layout.select(index, i).flatten().tolist() for i in range(self.size(axis))]
+
     @property
     def layout(self) -> torch.Tensor:
         """Global rank at each mesh coordinate: shape (data, cfg, pipefusion, ring, ulysses, tensor)."""

@@ -20,11 +20,13 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ditmesh.config import ParallelConfig
 from ditmesh.models import adapter_for
 from ditmesh.models.loading import load_pipeline
 from ditmesh.models.tiny import TINY_PIPELINES, TINY_SIZE
+from ditmesh.parallel.mesh import ParallelMesh
 from ditmesh.parallel.parallelize import parallelize
 from ditmesh.runner.protocol import RequestCancelled
 from ditmesh.runner.worker import DistributedWorker
@@ -46,7 +48,9 @@ class DiffusionWorker(DistributedWorker):
         pipe = load_pipeline(model, dtype=dtype, device=self.device)
         self.default_size = TINY_SIZE if model in TINY_PIPELINES else None  # None: the pipeline's own default
         self.info = _model_info(pipe, model, config, dtype, self.default_size)
-        self.pipe = parallelize(pipe, config, compile=compile, cuda_graphs=cuda_graphs)
+        mesh = ParallelMesh.build(config) if dist.is_initialized() else None  # None: one process, no group
+        self.pipe = parallelize(pipe, config, mesh, compile=compile, cuda_graphs=cuda_graphs)
+        self._step_group = _step_group(mesh)
 
     def __call__(
         self,
@@ -102,7 +106,7 @@ class DiffusionWorker(DistributedWorker):
         step, so all stop after the same one), else send the progress event when streaming."""
 
         def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-            if self.cancel_requested():
+            if self.cancel_requested(self._step_group):
                 raise RequestCancelled(f"the caller gave up the request; stopped after step {step + 1} of {steps}")
             if streaming:
                 event: dict[str, Any] = {"step": step + 1, "of": steps}
@@ -112,6 +116,19 @@ class DiffusionWorker(DistributedWorker):
             return callback_kwargs
 
         return on_step_end
+
+
+def _step_group(mesh: ParallelMesh | None) -> Any:
+    """The gloo group of this rank's data group: the ranks that run the same denoising steps.
+
+    The per-step cancel check reduces over it, not over all ranks: a data group with no image in
+    a call runs no step, so a check over all ranks would leave the busy groups waiting for it for
+    ever. `new_subgroups_by_enumeration` is collective over the world: every rank makes every
+    group, in `setup`, in the same order."""
+    if mesh is None:
+        return None
+    group, _ = dist.new_subgroups_by_enumeration(mesh.ranks_by("data"), backend="gloo")
+    return group
 
 
 def _model_info(pipe: Any, model: str, config: ParallelConfig, dtype: str, default_size: int | None) -> dict[str, Any]:

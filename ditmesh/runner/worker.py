@@ -99,27 +99,34 @@ class DistributedWorker:
         """``print`` with a ``[rank N]`` prefix, flushed at once."""
         print(f"[rank {self._rank}] {message}", flush=True)
 
-    def cancel_requested(self) -> bool:
+    def cancel_requested(self, group: Any = None) -> bool:
         """Whether the caller has given up the current request: it cancelled or timed out its
         `invoke`, or left its `stream` early. Check it between units of work (e.g. after each
         denoising step) and stop there, by raising `RequestCancelled`, so the ranks move on to the
         next request instead of finishing one nobody waits for.
 
-        A collective: every rank must call it at the same points of a request, and every rank gets
-        the same answer (the ranks' local flags are max-reduced), so all of them stop at the same
-        point and no collective is left half-entered. The reduction is one number on a CPU (gloo)
-        group: it never synchronises a GPU. Outside a request it is False and communicates nothing.
+        A collective over `group` (default: all ranks): every rank of it must call it at the same
+        points of a request, and every rank gets the same answer (the ranks' local flags are
+        max-reduced), so all of them stop at the same point and no collective is left half-entered.
+        Where ranks do different work (an idle data group runs no denoising steps), pass a gloo
+        group of the ranks that step together (`torch.distributed.new_subgroups_by_enumeration`,
+        made on every rank in `setup`): a rank that never reaches the check must not be in it.
+        The reduction is one number on a CPU (gloo) group: it never synchronises a GPU. Outside a
+        request it is False and communicates nothing.
         """
         if self._channel is None or self._request_id is None:
             return False
         local = self._channel.was_cancelled(self._request_id)
         if self._world_size == 1:
             return local
+        group = self._cancel_group() if group is None else group
+        if group.size() == 1:
+            return local
         import torch
         import torch.distributed as dist
 
         flag = torch.tensor([int(local)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cancel_group())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
 
     def _cancel_group(self) -> Any:

@@ -36,6 +36,8 @@ from ditmesh.serve.schema import (
 )
 
 CLIENT_LEFT = 499  # nginx's "client closed request": the status counted when a client disconnects
+PROBE_TIMEOUT_S = 10.0  # idle ranks answer `/healthz`'s probe within this, or they are restarted
+STUCK_GRACE_S = 5.0  # a request in flight this long past the server's timeout makes `/healthz` 503
 INLINE_ENCODE_PIXELS = 256 * 256  # smaller results are encoded on the event loop (well under 1 ms)
 
 
@@ -156,15 +158,26 @@ async def generations(body: GenerationRequest, request: Request) -> Response:
 
 async def healthz(request: Request) -> JSONResponse:
     """The ranks (pid, alive), the model and parallel config, the queue, restarts so far.
-    200 when the ranks serve; 503 while they are down or restarting (a restart is then under way)."""
+
+    200 when the ranks serve: idle ranks must answer a probe request within `PROBE_TIMEOUT_S`,
+    and a request in flight must not have run past the server's timeout. 503 otherwise, with
+    ``status`` "restarting" (ranks down; a restart is under way), "stuck" (the request in flight
+    has run past its bound; the ranks restart when it is given up) or "not answering" (idle ranks
+    did not answer the probe; they restart)."""
     state = request.app.state
-    runner, queue = state.runner, state.queue
-    ok = runner.is_running
-    if not ok:
+    runner, queue, bound = state.runner, state.queue, state.settings.timeout
+    status = "ok" if runner.is_running else "restarting"
+    if status == "restarting":
         queue.restart_soon()
+    elif (age := queue.turn_age()) is not None:
+        if bound is not None and age > bound + STUCK_GRACE_S:
+            status = "stuck"
+    elif await queue.probe(PROBE_TIMEOUT_S) is False:
+        status = "not answering"
+    ok = status == "ok"
     ranks = [{"rank": rank, "pid": pid, "alive": alive}
              for rank, (pid, alive) in enumerate(zip(runner.pids, runner.alive))]
-    body = {"status": "ok" if ok else "restarting", **(state.info or {}), "world_size": runner.world_size,
+    body = {"status": status, **(state.info or {}), "world_size": runner.world_size,
             "device": runner.device_type, "ranks": ranks, "ranks_alive": sum(rank["alive"] for rank in ranks),
             "queue": {"waiting": queue.waiting, "in_flight": queue.in_flight, "max_queue": queue.max_queue},
             "restarts": queue.restarts}

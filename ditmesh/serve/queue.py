@@ -47,6 +47,7 @@ class MeshQueue:
         self._turn = asyncio.Lock()  # wakes its waiters in arrival order
         self._restart_task: asyncio.Task | None = None
         self._stale = False  # restart even though running: a timed-out request may have the ranks stuck
+        self._turn_started: float | None = None  # loop time at which the request in flight got the mesh
 
     def check_room(self) -> None:
         """Raise `QueueFull` if a request arriving now would have to wait and nobody more may."""
@@ -66,6 +67,7 @@ class MeshQueue:
         try:
             await self._ensure_running()
             self._count_in_flight(1)
+            self._turn_started = asyncio.get_running_loop().time()
             self.metrics.sent.inc()
             yield self.runner
         except TimeoutError:
@@ -81,7 +83,33 @@ class MeshQueue:
             raise MeshUnavailable(f"{reason}; the ranks are restarting: retry in a few seconds") from error
         finally:
             self._count_in_flight(0)
+            self._turn_started = None
             self._turn.release()
+
+    def turn_age(self) -> float | None:
+        """Seconds the request in flight has had the mesh (None: the mesh is idle)."""
+        if self._turn_started is None:
+            return None
+        return asyncio.get_running_loop().time() - self._turn_started
+
+    async def probe(self, timeout: float) -> bool | None:
+        """Whether idle ranks answer a request (``{"describe": True}``) within `timeout` seconds;
+        None when a request holds the mesh (its age says more). Ranks that do not answer are
+        restarted in the next turn."""
+        if self._turn.locked() or not self.runner.is_running:
+            return None
+        async with self._turn:
+            try:
+                await self.runner.invoke({"describe": True}, timeout=timeout)
+            except Exception:  # noqa: BLE001 - any failure to answer is the answer
+                logger.warning("ditmesh serve: the idle ranks did not answer within %s s; restarting them", timeout)
+                self._stale = True
+                answered = False
+            else:
+                answered = True
+        if not answered:
+            self.restart_soon(stale=True)
+        return answered
 
     def restart_soon(self, stale: bool = False) -> None:
         """Restart the ranks in the next turn if they are down (or `stale`: running, but stuck on an
