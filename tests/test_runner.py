@@ -203,17 +203,6 @@ def test_dead_rank_raises_worker_died_promptly_and_restart_recovers(loop, runner
     assert runner.alive == [True, True] and runner.health()["healthy"]
 
 
-def test_dead_rank_is_restarted_automatically(loop, runners):
-    runner = runners(2)
-    pids = runner.pids
-    with pytest.raises(WorkerDied):
-        loop.run_until_complete(runner.invoke({"die_rank": 0}))
-    assert runner.needs_restart  # until the automatic restart is done
-    result = loop.run_until_complete(runner.invoke({"x": 1.0}, timeout=60))  # waits for the restart
-    assert result["sum"] == expected_sum(2, 1.0) and result["calls"] == 1 and not set(runner.pids) & set(pids)
-    assert runner.is_running and not runner.needs_restart
-
-
 def test_rank_raising_before_a_collective_fails_the_call_and_restart_recovers(loop, runners):
     runner = runners(2)
     start = time.perf_counter()
