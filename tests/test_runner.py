@@ -222,8 +222,8 @@ def test_rank_left_in_a_collective_after_another_returned_is_named_with_its_stac
     by themselves and the next request works."""
     runner = runners(2)
     start = time.perf_counter()
-    with pytest.raises(RanksStuck) as info:
-        loop.run_until_complete(runner.invoke({"x": 1.0, "return_early_rank": 1}))
+    with pytest.raises(RanksStuck) as info:  # without the bound: TimeoutError from the invoke's own timeout
+        loop.run_until_complete(runner.invoke({"x": 1.0, "return_early_rank": 1}, timeout=COLLECTIVE_TIMEOUT + 20))
     elapsed = time.perf_counter() - start
     assert COLLECTIVE_TIMEOUT <= elapsed < COLLECTIVE_TIMEOUT + 5.0, elapsed
     error = info.value
