@@ -44,7 +44,7 @@ _SETUP_REQUEST = 0  # the request id `ready` / `setup_error` replies carry
 _DONE = object()  # end of a request's event queue
 _BIG_MESSAGE = 65536  # bytes; larger messages are sent zero-copy
 _STACK_WAIT = 0.5  # s: how long stuck ranks get to write their stacks after the signal
-_STACK_FRAMES = 4  # innermost frames of each stuck rank quoted in the error
+_STACK_FRAMES = 6  # innermost frames of each stuck rank quoted in the error
 
 
 @dataclass(eq=False)
@@ -170,6 +170,7 @@ class DistributedRunner:
         self._auto_start = False
         self._start_lock = asyncio.Lock()
         self._restart_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by `start`
         self._keepalive_interval = keepalive_interval
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._keepalive_tasks: set[asyncio.Task] = set()
@@ -557,8 +558,7 @@ class DistributedRunner:
         busy = any(rid != _SETUP_REQUEST for rid in self._requests)
         if self._keepalive_interval is None or self._state != "running" or busy or self._keepalive_timer:
             return
-        loop = asyncio.get_running_loop()
-        self._keepalive_timer = loop.call_later(self._keepalive_interval, self._send_keepalive)
+        self._keepalive_timer = self._loop.call_later(self._keepalive_interval, self._send_keepalive)
 
     def _disarm_keepalive(self) -> None:
         if self._keepalive_timer is not None:
@@ -567,7 +567,7 @@ class DistributedRunner:
 
     def _send_keepalive(self) -> None:
         self._keepalive_timer = None
-        task = asyncio.get_running_loop().create_task(self._keepalive())
+        task = self._loop.create_task(self._keepalive())
         self._keepalive_tasks.add(task)  # a reference until it ends (the loop keeps only weak ones)
         task.add_done_callback(self._keepalive_tasks.discard)
 
@@ -581,6 +581,7 @@ class DistributedRunner:
 
     async def _launch(self, setup_kwargs: bytes, timeout: float | None) -> None:
         self._state = "starting"
+        self._loop = asyncio.get_running_loop()  # the runner's sockets and timers belong to it
         self._stopped = asyncio.Event()
         self._tmpdir = tempfile.mkdtemp(prefix="ditmesh-runner-")  # mode 0700: only this user
         self._context = zmq.asyncio.Context()
@@ -649,7 +650,7 @@ class DistributedRunner:
         self._kill()
         if restart and was_running and self.auto_restart:
             logger.warning("ditmesh runner: restarting the ranks after %s", str(reason).splitlines()[0])
-            self._restart_task = asyncio.get_running_loop().create_task(self._restart_after_break())
+            self._restart_task = self._loop.create_task(self._restart_after_break())
             self._restart_task.add_done_callback(_mark_retrieved)
 
     async def _restart_after_break(self) -> None:
@@ -802,14 +803,16 @@ def _read_stack(path: str, offset: int) -> str:
 
 
 def _innermost_frames(dump: str, count: int = _STACK_FRAMES) -> str:
-    """The `count` innermost frames of the thread that serves requests, from a faulthandler dump
-    (threads blocks of ``File "...", line N in func`` lines, innermost first)."""
+    """The innermost frames (at most `count`) of the thread serving the request, from a
+    faulthandler dump (thread blocks of ``File "...", line N in func`` lines, innermost first),
+    down to the worker's own code: the runner's `_handle` frame and below are left out."""
     if not dump.strip():
         return "    (no stack: the rank did not answer the signal)"
     blocks = [block.splitlines()[1:] for block in dump.split("\n\n") if "most recent call first" in block]
-    serving = [block for block in blocks if any("in _handle" in line for line in block)]
+    serving = [block for block in blocks if any(line.rstrip().endswith("in _handle") for line in block)]
     frames = (serving or blocks or [dump.splitlines()])[0]
-    return "\n".join(f"    {line.strip()}" for line in frames[:count])
+    mine = next((i for i, line in enumerate(frames) if line.rstrip().endswith("in _handle")), len(frames))
+    return "\n".join(f"    {line.strip()}" for line in frames[:min(mine, count)])
 
 
 def _mark_retrieved(future: asyncio.Future) -> None:
