@@ -179,8 +179,9 @@ class FalParallelSDXLWorker(DistributedWorker):
         # and AutoencoderTiny.from_pretrained("madebyollin/taesdxl"), float16 on cuda
         self.pipeline = tiny_pipeline("tiny-sdxl").to(self.device, dtype=torch.float32)
         torch.manual_seed(self.rank)
-        self.tiny_vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                                        num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).to(self.device)
+        blocks = dict(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                      num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4)
+        self.tiny_vae = AutoencoderTiny(**blocks).to(self.device)
         if self.rank != 0:
             self.pipeline.set_progress_bar_config(disable=True)
 

@@ -105,7 +105,8 @@ def test_row3_stream_takes_timeout_streaming_timeout_as_text_events_in_fals_orde
     async def first_then_silence():
         items = []
         with pytest.raises(TimeoutError, match="streaming_timeout=0.5"):
-            async for item in runner.stream({"stream_sleep": 2.0}, None, 0.5, True):  # payload, timeout, streaming_timeout, as_text_events
+            # positional, in fal's order: payload, timeout, streaming_timeout, as_text_events
+            async for item in runner.stream({"stream_sleep": 2.0}, None, 0.5, True):
                 items.append(item)
         return items
 
@@ -136,7 +137,8 @@ def test_row6_text_events_have_fals_shape(loop, fal_runner):
     frames = loop.run_until_complete(collect(runner.stream({"echo": {"image": image}}, as_text_events=True)))
     event, final = (parse_event(frame) for frame in frames)
     assert set(event["image"]) == {"content_type", "width", "height", "data", "url"}
-    assert event["image"]["content_type"] == "image/jpeg" and event["image"]["url"].startswith("data:image/jpeg;base64,")
+    assert event["image"]["content_type"] == "image/jpeg"
+    assert event["image"]["url"].startswith("data:image/jpeg;base64,")
     assert base64.b64decode(event["image"]["url"].split(",", 1)[1]) == jpeg_bytes(image, 60)  # intermediate: q60
     assert base64.b64decode(final["echo"]["image"]["url"].split(",", 1)[1]) == jpeg_bytes(image, 95)  # final: q95
     png = [parse_event(f) for f in loop.run_until_complete(

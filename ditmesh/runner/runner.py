@@ -278,7 +278,8 @@ class DistributedRunner:
         if self._state == "stopping":
             await self._stopped.wait()
             return
-        await self._shutdown(graceful=self._state == "running", timeout=self.stop_timeout if timeout is None else timeout)
+        grace = self.stop_timeout if timeout is None else timeout
+        await self._shutdown(graceful=self._state == "running", timeout=grace)
 
     def terminate(self, timeout: float = 10) -> None:
         """End the worker processes now, synchronously (SIGTERM, then SIGKILL after `timeout` s),
