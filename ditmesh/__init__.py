@@ -23,6 +23,7 @@ _LAZY = {
     "RemoteError": "ditmesh.runner.protocol",
     "WorkerDied": "ditmesh.runner.protocol",
     "RunnerBroken": "ditmesh.runner.protocol",
+    "RanksStuck": "ditmesh.runner.protocol",
     "RequestCancelled": "ditmesh.runner.protocol",
     "DiffusionWorker": "ditmesh.runner.diffusion",
     "load_pipeline": "ditmesh.models.loading",

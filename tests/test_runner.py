@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import runner_workers
-from ditmesh import DistributedRunner, RemoteError, RunnerBroken, WorkerDied
+from ditmesh import DistributedRunner, RanksStuck, RemoteError, RunnerBroken, WorkerDied
 from ditmesh.runner.protocol import decode, encode, to_text_event
 
 COLLECTIVE_TIMEOUT = 2.0  # s: how long the other ranks get after one raised, in these tests
@@ -103,8 +103,8 @@ def test_invoke_and_stream_match_serial_sum(loop, runners, world_size):
     assert items[-1]["sum"] == expected_sum(world_size, 1.0) and items[-1]["streaming"] is True
 
     frames = collect(loop, runner.stream({"x": 1.0, "steps": 2}, as_text_events=True))
-    assert all(frame.startswith("data: ") and frame.endswith("\n\n") for frame in frames)
-    decoded = [json.loads(frame[len("data: "):]) for frame in frames]
+    assert all(frame.startswith(b"data: ") and frame.endswith(b"\n\n") for frame in frames)
+    decoded = [json.loads(frame[len(b"data: "):]) for frame in frames]
     assert [d["step"] for d in decoded[:-1]] == [0, 1]
     assert decoded[-1]["sum"] == expected_sum(world_size, 1.0)
 
@@ -174,26 +174,33 @@ def test_unpicklable_result_or_event_is_a_remote_error_and_workers_survive(loop,
 
 def test_dead_rank_raises_worker_died_promptly_and_restart_recovers(loop, runners):
     runner = runners(2)
-    before = loop.run_until_complete(runner.invoke({"x": 1.0}))["pid"]
-    pids = runner.pids
-    assert runner.alive == [True, True]
-    start = time.perf_counter()
-    with pytest.raises(WorkerDied) as info:
-        loop.run_until_complete(runner.invoke({"die_rank": 1}))
-    elapsed = time.perf_counter() - start
-    assert info.value.rank == 1 and info.value.exitcode == 3
-    assert runner.alive[1] is False  # a health check sees the dead rank
-    assert elapsed < 30.0, f"death noticed after {elapsed:.2f} s"  # sentinel-driven: ms; without it, never
-    assert runner.needs_restart
-    loop.run_until_complete(asyncio.sleep(0))  # let the kill of rank 0 be reaped
-    with pytest.raises(RunnerBroken, match=r"runner.restart\(\)"):
-        loop.run_until_complete(runner.invoke({"x": 1.0}))
+    runner.auto_restart = False  # the manual path: RunnerBroken until restart()
+    try:
+        before = loop.run_until_complete(runner.invoke({"x": 1.0}))["pid"]
+        pids = runner.pids
+        assert runner.alive == [True, True] and runner.is_alive()
+        start = time.perf_counter()
+        with pytest.raises(WorkerDied) as info:
+            loop.run_until_complete(runner.invoke({"die_rank": 1}))
+        elapsed = time.perf_counter() - start
+        assert info.value.rank == 1 and info.value.exitcode == 3
+        assert runner.alive[1] is False and not runner.is_alive()  # a health check sees the dead rank
+        assert elapsed < 30.0, f"death noticed after {elapsed:.2f} s"  # sentinel-driven: ms; without it, never
+        assert runner.needs_restart and not runner.health()["healthy"]
+        loop.run_until_complete(asyncio.sleep(0))  # let the kill of rank 0 be reaped
+        with pytest.raises(RunnerBroken, match=r"runner.restart\(\)"):
+            loop.run_until_complete(runner.invoke({"x": 1.0}))
+        with pytest.raises(RunnerBroken, match="WorkerDied"):  # fal's: names the errors and forgets them
+            runner.ensure_alive()
+        assert runner.gather_errors() == []
 
-    loop.run_until_complete(runner.restart())
+        loop.run_until_complete(runner.restart())
+    finally:
+        runner.auto_restart = True
     assert not set(pids) & child_pids(), "old ranks left as zombies or orphans"
     result = loop.run_until_complete(runner.invoke({"x": 1.0}))
     assert result["sum"] == expected_sum(2, 1.0) and result["pid"] != before and result["calls"] == 1
-    assert runner.alive == [True, True]
+    assert runner.alive == [True, True] and runner.health()["healthy"]
 
 
 def test_rank_raising_before_a_collective_fails_the_call_and_restart_recovers(loop, runners):
@@ -203,13 +210,59 @@ def test_rank_raising_before_a_collective_fails_the_call_and_restart_recovers(lo
         loop.run_until_complete(runner.invoke({"x": 1.0, "fail_before_collective_rank": 1}))
     elapsed = time.perf_counter() - start
     assert info.value.rank == 1 and "refuses to join the all_reduce" in info.value.remote_traceback
-    assert "collective_timeout" in str(info.value) and "restart()" in str(info.value)
-    assert COLLECTIVE_TIMEOUT <= elapsed < COLLECTIVE_TIMEOUT + 30.0  # rank 0 would wait forever without it
-    assert runner.needs_restart
-    with pytest.raises(RunnerBroken, match=r"runner.restart\(\)"):
-        loop.run_until_complete(runner.invoke({"x": 1.0}))
-    loop.run_until_complete(runner.restart())
-    assert loop.run_until_complete(runner.invoke({"x": 3.0}))["sum"] == expected_sum(2, 3.0)
+    assert "ranks [0] did not finish" in str(info.value) and "all_reduce" in info.value.note
+    assert COLLECTIVE_TIMEOUT <= elapsed < COLLECTIVE_TIMEOUT + 5.0  # rank 0 would wait forever without it
+    assert runner.needs_restart  # restarting by itself (auto_restart)
+    assert loop.run_until_complete(runner.invoke({"x": 3.0}, timeout=60))["sum"] == expected_sum(2, 3.0)
+
+
+def test_rank_left_in_a_collective_after_another_returned_is_named_with_its_stack(loop, runners):
+    """Issue 24: rank 1 returns normally, rank 0 waits in an all_reduce rank 1 never entered. The
+    call fails within collective_timeout + 5 s naming rank 0 and where it waits; the ranks restart
+    by themselves and the next request works."""
+    runner = runners(2)
+    start = time.perf_counter()
+    with pytest.raises(RanksStuck) as info:  # without the bound: TimeoutError from the invoke's own timeout
+        loop.run_until_complete(runner.invoke({"x": 1.0, "return_early_rank": 1}, timeout=COLLECTIVE_TIMEOUT + 20))
+    elapsed = time.perf_counter() - start
+    assert COLLECTIVE_TIMEOUT <= elapsed < COLLECTIVE_TIMEOUT + 5.0, elapsed
+    error = info.value
+    assert isinstance(error, RunnerBroken) and error.ranks == [0]
+    assert "rank(s) [0] did not finish" in str(error) and "after rank(s) [1] returned" in str(error)
+    # where: the innermost frames of rank 0's stack, the collective inside the worker's own line
+    assert "in all_reduce" in str(error) and "runner_workers.py" in error.stacks[0]
+    assert loop.run_until_complete(runner.invoke({"x": 2.0}, timeout=60))["sum"] == expected_sum(2, 2.0)
+    assert any(isinstance(e, RanksStuck) for e in runner.gather_errors())
+
+
+def test_slow_but_healthy_rank_is_not_killed(loop, runners):
+    runner = runners(2)
+    pids = runner.pids
+    # rank 0 works alone for half the collective_timeout after rank 1 returned: a healthy request
+    result = loop.run_until_complete(runner.invoke({"x": 1.0, "slow_rank": 0, "slow": COLLECTIVE_TIMEOUT / 2}))
+    assert result["sum"] == expected_sum(2, 1.0) and runner.pids == pids and runner.is_running
+
+
+def test_health_reports_in_flight_age_and_overdue_requests(loop, runners):
+    runner = runners(2)
+
+    async def probe():
+        assert runner.health() == {"healthy": True, "state": "running", "alive": [True, True], "in_flight": 0,
+                                   "oldest_request_s": None, "overdue": False, "restarting": False}
+        task = asyncio.ensure_future(runner.invoke({"sleep": 0.6}))
+        await asyncio.sleep(0.3)
+        busy = runner.health()
+        with pytest.raises(TimeoutError):
+            await runner.invoke({"sleep": 0.6}, timeout=0.1)  # queued behind the first: past its bound
+        overdue = runner.health()
+        await task
+        await runner.invoke({})  # after the abandoned one: the ranks have let go of it
+        return busy, overdue, runner.health()
+
+    busy, overdue, idle = loop.run_until_complete(probe())
+    assert busy["healthy"] and busy["in_flight"] == 1 and 0.2 < busy["oldest_request_s"] < 5
+    assert not overdue["healthy"] and overdue["overdue"] and overdue["in_flight"] == 2
+    assert idle["healthy"] and idle["in_flight"] == 0 and runner.oldest_request_age() is None
 
 
 # ---------------------------------------------------------------- timeouts and cancellation
@@ -376,13 +429,16 @@ def test_text_events_are_sse_with_base64_images_and_raw_passthrough(loop, runner
     frames = collect(loop, runner.stream({"echo": echo, "raw_event": b"event: custom\n\n"}, as_text_events=True))
     echo_frame, raw, final = frames
     assert raw == b"event: custom\n\n"  # as_text_event=False: passed through untouched
-    data = json.loads(echo_frame.removeprefix("data: "))
-    assert data["t"] == [1.5, 2.0]
-    prefix = "data:image/png;base64,"
-    assert data["image"].startswith(prefix)
-    decoded = Image.open(io.BytesIO(base64.b64decode(data["image"][len(prefix):])))
-    assert decoded.size == (8, 4) and decoded.convert("RGB").getpixel((0, 0)) == (255, 0, 0)
-    assert json.loads(final.removeprefix("data: "))["echo"]["t"] == [1.5, 2.0]
+    data = json.loads(echo_frame.removeprefix(b"data: "))
+    assert data["t"]["content_type"] == "application/tensor" and data["t"]["shape"] == [2]
+    tensor = torch.load(io.BytesIO(base64.b64decode(data["t"]["url"].split(",", 1)[1])))
+    assert tensor.dtype == torch.bfloat16 and tensor.tolist() == [1.5, 2.0]
+    assert data["image"]["content_type"] == "image/jpeg" and (data["image"]["width"], data["image"]["height"]) == (8, 4)
+    prefix = "data:image/jpeg;base64,"
+    assert data["image"]["url"].startswith(prefix)
+    decoded = Image.open(io.BytesIO(base64.b64decode(data["image"]["url"][len(prefix):])))
+    assert decoded.size == (8, 4) and max(abs(a - b) for a, b in zip(decoded.getpixel((0, 0)), (255, 0, 0))) < 8
+    assert json.loads(final.removeprefix(b"data: "))["echo"]["t"]["dtype"] == "torch.bfloat16"
     with pytest.raises(TypeError, match="text event"):
         to_text_event({"x": object()})
 
@@ -403,8 +459,8 @@ def test_setup_error_raises_remote_error_and_leaves_no_processes(loop):
 
 def test_async_with_starts_and_stops_idempotently(loop):
     before = child_pids()
-    runner = DistributedRunner(runner_workers.EchoWorker, 1, device_type="cpu", setup_kwargs={"scale": 3.0},
-                               transport="tcp")
+    runner = DistributedRunner(runner_workers.EchoWorker, device_type="cpu", setup_kwargs={"scale": 3.0},
+                               transport="tcp")  # world_size defaults to 1, as fal's
 
     async def use():
         async with runner as started:  # not started yet: the first request starts it (scale=3)

@@ -9,12 +9,13 @@ A message is a list of ZMQ frames: ``[meta, body, *buffers]``.
   numpy arrays natively, torch tensors (any dtype, bf16 included; always moved to CPU) and PIL
   images through `_Pickler.reducer_override`.
 
-Kinds, runner -> worker: ``call`` (meta extra: streaming flag), ``stop``.
+Kinds, runner -> worker: ``call`` (meta extra: streaming flag), ``cancel``, ``stop``.
 Worker -> runner: ``ready`` / ``setup_error`` (request id 0), ``result``, ``error``, ``event``
-(meta extra: the worker's ``as_text_event`` flag).
+(meta extra: the worker's ``as_text_event`` flag and ``image_format``).
 
 Text events (`to_text_event`) are the one place binary data becomes text: SSE frames
-``data: <json>\\n\\n`` with images as base64 PNG/JPEG data URIs and tensors/arrays as lists.
+``b"data: <json>\\n\\n"`` in fal.distributed's shape (images and tensors as dicts with a base64
+data URL).
 """
 
 from __future__ import annotations
@@ -74,7 +75,22 @@ class RequestCancelled(Exception):
 
 
 class RunnerBroken(RuntimeError):
-    """The runner lost a rank or has ranks stuck in a collective; `await runner.restart()` fixes it."""
+    """The runner lost a rank or has ranks stuck in a collective; `await runner.restart()` fixes it
+    (with ``auto_restart=True``, the default, the runner restarts the ranks itself)."""
+
+
+class RanksStuck(RunnerBroken):
+    """Some ranks had not finished a request `collective_timeout` seconds after another rank
+    returned: they wait in a collective the others never entered (or compute for that long).
+
+    `ranks` lists them; `stacks` maps each to its Python stack at that moment (innermost frame
+    first, as `faulthandler` dumps it), also summarised in ``str(error)``.
+    """
+
+    def __init__(self, message: str, ranks: list[int], stacks: dict[int, str]):
+        super().__init__(message)
+        self.ranks = ranks
+        self.stacks = stacks
 
 
 # ---------------------------------------------------------------- binary encoding
@@ -190,42 +206,78 @@ def error_info(exc: BaseException, traceback_text: str) -> tuple[str, str, str]:
 
 # ---------------------------------------------------------------- text events (SSE)
 
+INTERMEDIATE_JPEG_QUALITY = 60
+"""JPEG quality of images in stream events (fal.distributed's: previews are small and many)."""
+FINAL_JPEG_QUALITY = 95
+"""JPEG quality of images in a stream's final result."""
 
-def to_text_event(obj: Any, image_format: str = "png") -> str:
-    """``data: <json>\\n\\n``: one server-sent event. Images become base64 data URIs, tensors and
-    arrays nested lists, bytes base64 strings."""
-    return f"data: {json.dumps(_jsonable(obj, image_format), separators=(',', ':'))}\n\n"
+
+def to_text_event(obj: Any, image_format: str = "jpeg", is_final: bool = False) -> bytes:
+    """``b"data: <json>\\n\\n"``: one server-sent event, in fal.distributed's shape.
+
+    A PIL image becomes ``{"content_type": "image/jpeg", "width", "height", "data": null,
+    "url": "data:image/jpeg;base64,..."}`` (JPEG quality 60 in events, 95 in the final result;
+    `image_format` ``"png"``/``"webp"`` picks that format instead); a tensor or array becomes
+    ``{"content_type": "application/tensor"|"application/ndarray", "shape", "dtype", "data": null,
+    "url": <base64 of torch.save / numpy.save>}``; bytes become base64 strings.
+    """
+    body = json.dumps(_jsonable(obj, image_format.lower(), is_final), separators=(",", ":"))
+    return f"data: {body}\n\n".encode()
 
 
-def _jsonable(obj: Any, image_format: str) -> Any:
+def _jsonable(obj: Any, image_format: str, is_final: bool) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v, image_format) for k, v in obj.items()}
+        return {str(k): _jsonable(v, image_format, is_final) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v, image_format) for v in obj]
+        return [_jsonable(v, image_format, is_final) for v in obj]
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(obj)).decode("ascii")
     pil = sys.modules.get("PIL.Image")
     if pil is not None and isinstance(obj, pil.Image):
-        return _image_data_uri(obj, image_format)
+        return _image_event(obj, image_format, is_final)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
-        tensor = obj.detach().cpu()
-        return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).tolist()
-    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy arrays and scalars
-        return obj.tolist()
+        return _array_event("application/tensor", obj, str(obj.dtype), _torch_save(obj))
+    if hasattr(obj, "dtype") and hasattr(obj, "shape") and hasattr(obj, "tobytes"):  # numpy arrays
+        return _array_event("application/ndarray", obj, str(obj.dtype), _numpy_save(obj))
+    if hasattr(obj, "item") and hasattr(obj, "dtype"):  # numpy scalars
+        return obj.item()
     raise TypeError(
         f"cannot put a {type(obj).__name__} into a text event; convert it to JSON-compatible data "
-        "(or an image/tensor/bytes) in the worker, or use stream(..., as_text_events=False)"
+        "(or an image/tensor/array/bytes) in the worker, or use stream(..., as_text_events=False)"
     )
 
 
-def _image_data_uri(image: Any, image_format: str) -> str:
-    fmt = image_format.lower()
-    if fmt in ("jpg", "jpeg"):
-        fmt = "jpeg"
-        image = image.convert("RGB") if image.mode not in ("RGB", "L") else image
+def _image_event(image: Any, image_format: str, is_final: bool) -> dict[str, Any]:
+    fmt = "jpeg" if image_format in ("jpg", "jpeg") else image_format
     out = io.BytesIO()
-    image.save(out, format=fmt.upper())
-    return f"data:image/{fmt};base64,{base64.b64encode(out.getvalue()).decode('ascii')}"
+    if fmt == "jpeg":
+        rgb = image if image.mode in ("RGB", "L") else image.convert("RGB")
+        rgb.save(out, format="JPEG", quality=FINAL_JPEG_QUALITY if is_final else INTERMEDIATE_JPEG_QUALITY)
+    else:
+        image.save(out, format=fmt.upper())
+    url = f"data:image/{fmt};base64,{base64.b64encode(out.getvalue()).decode('ascii')}"
+    return {"content_type": f"image/{fmt}", "width": image.width, "height": image.height, "data": None, "url": url}
+
+
+def _array_event(content_type: str, value: Any, dtype: str, saved: bytes) -> dict[str, Any]:
+    url = f"data:{content_type};base64,{base64.b64encode(saved).decode('ascii')}"
+    return {"content_type": content_type, "shape": list(value.shape), "dtype": dtype, "data": None, "url": url}
+
+
+def _torch_save(tensor: Any) -> bytes:
+    import torch
+
+    out = io.BytesIO()
+    torch.save(tensor.detach().cpu(), out)
+    return out.getvalue()
+
+
+def _numpy_save(array: Any) -> bytes:
+    import numpy as np
+
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()

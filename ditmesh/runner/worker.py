@@ -22,6 +22,8 @@ worker and answers requests from the runner's socket until told to stop.
 from __future__ import annotations
 
 import collections
+import datetime
+import faulthandler
 import importlib
 import multiprocessing
 import multiprocessing.connection
@@ -82,22 +84,32 @@ class DistributedWorker:
         """This rank's `torch.device`: ``cuda:<local rank>`` on GPUs, ``cpu`` otherwise."""
         return self._device
 
-    def add_streaming_result(self, data: Any, as_text_event: bool = True) -> None:
-        """Send `data` to the caller now, as an intermediate result of the current request.
+    def add_streaming_result(self, result: Any, image_format: str = "jpeg", as_text_event: bool = False) -> None:
+        """Send `result` to the caller now, as an intermediate result of the current request.
 
         Only rank 0's events reach the caller: on other ranks, and in requests made with
         `invoke` (not `stream`), this does nothing, so every rank may call it unconditionally.
-        With ``as_text_event=True`` a text-mode stream turns `data` into an SSE ``data: <json>``
-        frame; with False the caller gets `data` unchanged (e.g. bytes you formatted yourself).
-        Raises `TypeError` if `data` cannot be pickled.
+        In a ``stream(..., as_text_events=True)`` every event becomes an SSE frame in
+        fal.distributed's shape (PIL images as JPEG quality 60 data URLs, or `image_format`
+        ``"png"``/``"webp"``); ``as_text_event`` is accepted for fal code and only matters for
+        `bytes`/`str` events: with False they pass through a text stream untouched (an SSE frame
+        you formatted yourself). Without text events the caller gets `result` itself, exactly
+        (images lossless). Raises `TypeError` if `result` cannot be pickled.
         """
         if self._rank != 0 or not self._streaming or self._channel is None:
             return
-        self._channel.send(("event", self._request_id, self._rank, as_text_event), protocol.encode(data))
+        meta = ("event", self._request_id, self._rank, as_text_event, image_format)
+        self._channel.send(meta, protocol.encode(result))
 
-    def rank_print(self, message: Any) -> None:
-        """``print`` with a ``[rank N]`` prefix, flushed at once."""
-        print(f"[rank {self._rank}] {message}", flush=True)
+    def add_streaming_error(self, error: BaseException) -> None:
+        """Send ``{"error": str(error)}`` to a `stream` caller as an event (fal.distributed's form);
+        the request carries on. To end it with an error, raise: the caller gets a `RemoteError`."""
+        self.add_streaming_result({"error": str(error)}, as_text_event=True)
+
+    def rank_print(self, message: Any, debug: bool = False) -> None:
+        """``print`` with a ``[rank N]`` prefix (``[debug] [rank N]`` when `debug`), flushed at once."""
+        prefix = "[debug] " if debug else ""
+        print(f"{prefix}[rank {self._rank}] {message}", flush=True)
 
     def cancel_requested(self, group: Any = None) -> bool:
         """Whether the caller has given up the current request: it cancelled or timed out its
@@ -211,15 +223,31 @@ class WorkerSpec:
     worker_qualname: str
     world_size: int
     address: str
+    store_addr: str
     store_port: int
     device_type: str
     num_threads: int
     setup_kwargs: bytes
+    pg_timeout: float  # seconds: torch.distributed's process-group timeout (fal's `timeout`)
+    cwd: str | None  # the worker's working directory (None: the runner's)
+    stack_dir: str  # where each rank's faulthandler writes its stack when asked (see `stack_path`)
+
+
+def stack_path(stack_dir: str, rank: int) -> str:
+    """The file rank `rank` appends its Python stacks to on `STACK_SIGNAL`."""
+    return os.path.join(stack_dir, f"stack-rank{rank}.txt")
+
+
+STACK_SIGNAL = signal.SIGUSR1
+"""The signal on which a worker dumps every thread's Python stack (the runner sends it to ranks
+that do not finish: the stack says which collective they wait in)."""
 
 
 def worker_main(rank: int, spec: WorkerSpec) -> None:
     """Body of a worker process: connect, set up, serve requests until ``stop``."""
-    _install_signal_handlers()
+    if spec.cwd is not None:
+        os.chdir(spec.cwd)
+    _install_signal_handlers(stack_path(spec.stack_dir, rank))
     _exit_with_parent()
     channel = _Channel(spec.address, rank)
     worker = _set_up(rank, spec, channel)
@@ -234,11 +262,15 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
         channel.close()
 
 
-def _install_signal_handlers() -> None:
+def _install_signal_handlers(stack_file: str) -> None:
     # Ctrl-C reaches every process of the terminal's group: the runner owns shutdown, so workers
     # ignore SIGINT; SIGTERM (stop() after its grace period) unwinds through teardown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    # faulthandler writes from the C signal handler: it works while the main thread blocks inside
+    # a collective (gloo/NCCL wait in C++ without returning to the interpreter). Append mode: the
+    # runner reads what each dump adds. The file stays open for the life of the process.
+    faulthandler.register(STACK_SIGNAL, file=open(stack_file, "a"), all_threads=True, chain=False)
 
 
 def _exit_on_signal(signum: int, frame: Any) -> None:
@@ -275,7 +307,7 @@ def _set_up(rank: int, spec: WorkerSpec, channel: _Channel) -> DistributedWorker
 
 def _init_distributed(rank: int, spec: WorkerSpec) -> Any:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(spec.world_size),
-                      LOCAL_WORLD_SIZE=str(spec.world_size), MASTER_ADDR="127.0.0.1",
+                      LOCAL_WORLD_SIZE=str(spec.world_size), MASTER_ADDR=spec.store_addr,
                       MASTER_PORT=str(spec.store_port))
     import torch
     import torch.distributed as dist
@@ -286,13 +318,15 @@ def _init_distributed(rank: int, spec: WorkerSpec) -> Any:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    store = dist.TCPStore("127.0.0.1", spec.store_port, is_master=False)  # served by the runner
+    store = dist.TCPStore(spec.store_addr, spec.store_port, is_master=False)  # served by the runner
+    timeout = datetime.timedelta(seconds=spec.pg_timeout)
     if spec.device_type == "cuda":  # device_id: NCCL binds this rank's GPU now, not at the first collective
-        dist.init_process_group("nccl", store=store, rank=rank, world_size=spec.world_size, device_id=device)
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=spec.world_size, device_id=device,
+                                timeout=timeout)
     else:
         if os.path.exists("/sys/class/net/lo"):  # one host: keep gloo's traffic on loopback
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world_size, timeout=timeout)
     return device
 
 
