@@ -98,8 +98,9 @@ class DistributedRunner:
         worker_port: the port of that socket; None (default) with the ``ipc`` transport, where
             neither is used.
         timeout: seconds a rank waits in one torch.distributed collective before the process
-            group fails (the process-group timeout, as fal's). Requests are bounded separately:
-            `request_timeout`, `collective_timeout`.
+            group fails (the process-group timeout, as fal's; None: torch's default, 30 min on
+            gloo and 10 min on NCCL, where fal's default is 24 h). Requests are bounded
+            separately: `request_timeout`, `collective_timeout`.
         keepalive_payload: what the runner sends to the workers every `keepalive_interval` s
             while no request runs (e.g. to keep a GPU clocked or a cache warm).
         keepalive_interval: seconds of idleness between keep-alive requests; None: no keep-alive.
@@ -130,7 +131,7 @@ class DistributedRunner:
 
     def __init__(self, worker_cls: type[DistributedWorker] | str, world_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int | None = None,
-                 worker_addr: str = "127.0.0.1", worker_port: int | None = None, timeout: float = 86400,
+                 worker_addr: str = "127.0.0.1", worker_port: int | None = None, timeout: float | None = None,
                  keepalive_payload: dict[str, Any] | None = None, keepalive_interval: float | None = None,
                  cwd: str | os.PathLike | None = None, *, device_type: str | None = None,
                  request_timeout: float | None = None, collective_timeout: float = 60.0,
@@ -592,7 +593,7 @@ class DistributedRunner:
         address = self._bind()
         self._store = _rendezvous_store(self.master_addr, self.master_port)
         spec = WorkerSpec(self._worker_module, self._worker_qualname, self.world_size, address, self.master_addr,
-                          self._store.port, self.device_type, self.num_threads, setup_kwargs, float(self.timeout),
+                          self._store.port, self.device_type, self.num_threads, setup_kwargs, self.timeout,
                           self.cwd, self._tmpdir)
         self._receiver = asyncio.get_running_loop().create_task(self._receive_loop())
         setup = self._new_request(_SETUP_REQUEST, fail_fast=True)

@@ -228,7 +228,7 @@ class WorkerSpec:
     device_type: str
     num_threads: int
     setup_kwargs: bytes
-    pg_timeout: float  # seconds: torch.distributed's process-group timeout (fal's `timeout`)
+    pg_timeout: float | None  # seconds: torch.distributed's process-group timeout (fal's `timeout`); None: torch's
     cwd: str | None  # the worker's working directory (None: the runner's)
     stack_dir: str  # where each rank's faulthandler writes its stack when asked (see `stack_path`)
 
@@ -319,14 +319,15 @@ def _init_distributed(rank: int, spec: WorkerSpec) -> Any:
     else:
         device = torch.device("cpu")
     store = dist.TCPStore(spec.store_addr, spec.store_port, is_master=False)  # served by the runner
-    timeout = datetime.timedelta(seconds=spec.pg_timeout)
+    group = dict(store=store, rank=rank, world_size=spec.world_size)
+    if spec.pg_timeout is not None:
+        group["timeout"] = datetime.timedelta(seconds=spec.pg_timeout)
     if spec.device_type == "cuda":  # device_id: NCCL binds this rank's GPU now, not at the first collective
-        dist.init_process_group("nccl", store=store, rank=rank, world_size=spec.world_size, device_id=device,
-                                timeout=timeout)
+        dist.init_process_group("nccl", device_id=device, **group)
     else:
         if os.path.exists("/sys/class/net/lo"):  # one host: keep gloo's traffic on loopback
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world_size, timeout=timeout)
+        dist.init_process_group("gloo", **group)
     return device
 
 
