@@ -61,7 +61,7 @@ async def time_first_event(runner: DistributedRunner, calls: int, as_text: bool)
     for _ in range(calls):
         async for item in runner.stream({}, as_text_events=as_text):
             received = time.perf_counter_ns()
-            sent = json.loads(item.removeprefix("data: "))["t_ns"] if as_text else item["t_ns"]
+            sent = json.loads(item.removeprefix(b"data: "))["t_ns"] if as_text else item["t_ns"]
             samples.append(received - sent)
             break
     return samples

@@ -136,7 +136,7 @@ def draw_request(rng: random.Random, model: str, config: ParallelConfig) -> Requ
 class Soak:
     """Runs drawn requests against one runner per mesh and counts how they end."""
 
-    def __init__(self, bound_s: float = 60.0, collective_timeout: float = 10.0):
+    def __init__(self, bound_s: float = 60.0, collective_timeout: float = 20.0):
         self.bound_s = bound_s
         self.collective_timeout = collective_timeout
         self._serial: dict[str, Any] = {}

@@ -88,7 +88,7 @@ async def _worker_session():
 
     payload = dict(prompt=["a cat", "a dog"], negative_prompt="blurry", steps=2, height=64, width=64, seed=5,
                    guidance=5.0, preview=True)
-    async with DistributedRunner(DiffusionWorker, world_size=4, device_type="cpu", timeout=120,
+    async with DistributedRunner(DiffusionWorker, world_size=4, device_type="cpu", request_timeout=120,
                                  setup_kwargs=dict(model="tiny-sd3", parallel="data=2,cfg=2")) as runner:
         items = [item async for item in runner.stream(payload, as_text_events=False)]
         text = [item async for item in runner.stream(dict(payload, preview=False), as_text_events=True)]
@@ -113,8 +113,8 @@ def test_diffusion_worker_streams_and_matches_serial():
     ).images
     for got, want in zip(result["images"], serial):
         assert np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 1  # uint8 rounding
-    assert text[0] == 'data: {"step":1,"of":2}\n\n'
-    assert text[-1].startswith("data: ") and "data:image/png;base64," in text[-1]
+    assert text[0] == b'data: {"step":1,"of":2}\n\n'
+    assert text[-1].startswith(b"data: ") and b"data:image/jpeg;base64," in text[-1]  # fal's event shape
     assert error is not None and error.exc_type.endswith("ValueError")
     assert "height 100 is not a multiple of 16 (sd3); use 96 or 112" in error.message
 

@@ -160,19 +160,21 @@ async def healthz(request: Request) -> JSONResponse:
     """The ranks (pid, alive), the model and parallel config, the queue, restarts so far.
 
     200 when the ranks serve: idle ranks must answer a probe request within `PROBE_TIMEOUT_S`,
-    and a request in flight must not have run past the server's timeout. 503 otherwise, with
-    ``status`` "restarting" (ranks down; a restart is under way), "stuck" (the request in flight
-    has run past its bound; the ranks restart when it is given up) or "not answering" (idle ranks
-    did not answer the probe; they restart)."""
+    and no request may be on the ranks past its bound (`DistributedRunner.health`, and the
+    server's timeout for the request in flight). 503 otherwise, with ``status`` "restarting"
+    (ranks down; a restart is under way), "stuck" (a request has run past its bound; the ranks
+    restart when it is given up) or "not answering" (idle ranks did not answer the probe; they
+    restart)."""
     state = request.app.state
     runner, queue, bound = state.runner, state.queue, state.settings.timeout
-    status = "ok" if runner.is_running else "restarting"
-    if status == "restarting":
+    health, age = runner.health(), queue.turn_age()
+    status = "ok"
+    if not runner.is_running or health["restarting"]:
+        status = "restarting"
         queue.restart_soon()
-    elif (age := queue.turn_age()) is not None:
-        if bound is not None and age > bound + STUCK_GRACE_S:
-            status = "stuck"
-    elif await queue.probe(PROBE_TIMEOUT_S) is False:
+    elif health["overdue"] or (age is not None and bound is not None and age > bound + STUCK_GRACE_S):
+        status = "stuck"
+    elif age is None and await queue.probe(PROBE_TIMEOUT_S) is False:
         status = "not answering"
     ok = status == "ok"
     ranks = [{"rank": rank, "pid": pid, "alive": alive}
