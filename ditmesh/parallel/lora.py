@@ -181,13 +181,6 @@ class LoraPipeline(PipelineWrapper):
 # ---- strategies that cannot follow a LoRA --------------------------------------------------------
 
 
-def refuse_loras(model: nn.Module, strategy: str, fix: str) -> None:
-    """Raise `ValueError` (naming `fix`) if `model` holds LoRA layers that still act in forward."""
-    active = [name for name, layer in tuner_layers(model) if contributes(layer)]
-    if active:
-        raise ValueError(f"{strategy} cannot apply the LoRA adapters on {short_list(active)}; {fix}")
-
-
 def refuse_loads(model: nn.Module, message: str) -> None:
     """From now on, loading a LoRA into `model` through a wrapped pipeline raises `ValueError(message)`."""
     setattr(model, _REFUSAL_ATTR, message)
@@ -220,17 +213,6 @@ def short_list(names: list[str]) -> str:
 
 
 # ---- loading from the command line ----------------------------------------------------------------
-
-
-def parse_spec(spec: str) -> tuple[str, float]:
-    """``PATH[:SCALE]`` -> (path, scale); the scale defaults to 1."""
-    path, sep, scale = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass  # a colon inside the path
-    return spec, 1.0
 
 
 def adapter_name(path: str) -> str:
