@@ -135,3 +135,44 @@ def test_diffusion_worker_stops_after_the_step_at_which_cancel_is_requested(monk
     assert len(calls) == 2  # no denoising step after the cancel
     monkeypatch.setattr(worker, "cancel_requested", lambda group=None: False)
     assert worker(prompt="a cat", steps=2, height=32, width=32)["images"][0].size == (32, 32)
+
+
+def test_generate_compiles_by_default_and_takes_loras(tmp_path):
+    from ditmesh.cli import _parser, _speed_setup
+
+    (tmp_path / "style").mkdir()
+    args = _parser().parse_args(["generate", "--lora", f"{tmp_path / 'style'}:0.5", "--lora", str(tmp_path / "style")])
+    setup = _speed_setup(args)
+    assert setup["compile"] is None, "generate compiles on GPUs unless --eager"
+    assert setup["loras"] == [[str(tmp_path / "style"), 0.5], [str(tmp_path / "style"), 1.0]]
+    assert _speed_setup(_parser().parse_args(["generate", "--eager"]))["compile"] is False
+    assert _speed_setup(_parser().parse_args(["serve", "--max-graphs", "3"]))["max_graphs"] == 3
+    with pytest.raises(SystemExit):  # argparse: "no LoRA at ...; pass a folder saved with save_lora_weights ..."
+        _parser().parse_args(["bench", "--lora", str(tmp_path / "missing")])
+
+
+def test_diffusion_worker_loads_loras_like_the_plain_pipeline(tmp_path):
+    from test_lora import _make_loras
+
+    from ditmesh.runner.diffusion import DiffusionWorker
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the cores are shared
+    try:
+        _worker_lora_parity(tmp_path, _make_loras(str(tmp_path))["a"], DiffusionWorker)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _worker_lora_parity(tmp_path, path, DiffusionWorker):
+    plain = tiny_pipeline("tiny-flux")
+    plain.load_lora_weights(path, adapter_name="a")
+    plain.set_adapters(["a"], [0.5])
+    expected = plain(prompt="a cat", num_inference_steps=2, height=32, width=32,
+                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    worker = DiffusionWorker()
+    worker._device = torch.device("cpu")
+    worker.setup(model="tiny-flux", parallel="serial", loras=[[path, 0.5]])
+    image = np.asarray(worker(prompt="a cat", steps=2, height=32, width=32)["images"][0], dtype=np.float32) / 255
+    assert worker.info["loras"] == ["a"]
+    np.testing.assert_allclose(image, expected, atol=1 / 255 + 1e-6)  # PIL rounding of the same pixels

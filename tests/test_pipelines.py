@@ -119,8 +119,7 @@ def test_data2_cfg2(pools):
 @pytest.mark.slow
 def test_data2_cfg2_ulysses2_on_8_ranks(pools):
     results = pools(8).run(_serial_and_parallel, "tiny-flux", "data=2,cfg=2,ulysses=2", ["a cat", "a dog", "a horse"], True)
-    if not all(sequence for _, _, _, sequence in results):
-        pytest.skip("parallelize does not apply sequence parallelism (step 2) yet")
+    assert all(sequence for _, _, _, sequence in results), "parallelize must apply sequence parallelism (step 2)"
     assert _check(results, data_degree=2).shape[0] == 3
     assert [batches for _, _, batches, _ in results] == [[2, 2]] * 4 + [[1, 1]] * 4
 
@@ -128,8 +127,7 @@ def test_data2_cfg2_ulysses2_on_8_ranks(pools):
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
 def test_cfg2_ulysses2(pools, name):
     results = pools(4).run(_serial_and_parallel, name, "cfg=2,ulysses=2", "a photo of a cat", True)
-    if not all(sequence for _, _, _, sequence in results):
-        pytest.skip("parallelize does not apply sequence parallelism (step 2) yet")
+    assert all(sequence for _, _, _, sequence in results), "parallelize must apply sequence parallelism (step 2)"
     _check(results)
     _check_cfg_split(results, num_images=1)
 

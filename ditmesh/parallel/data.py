@@ -60,7 +60,9 @@ class PipelineWrapper:
         object.__setattr__(self, "_pipe", pipe)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._pipe, name)
+        from ditmesh.parallel import lora  # LoRA methods must reach the models inside ditmesh's wrappers
+
+        return lora.reach_models(self._pipe, name, getattr(self._pipe, name))
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("_"):

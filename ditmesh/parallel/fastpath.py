@@ -2,7 +2,9 @@
 
 Four steps, each through a public seam, none changing the model's outputs beyond bf16 rounding:
 1. fuse the Q/K/V projections (diffusers' `fuse_qkv_projections()`, where the model's own
-   processors support it: FLUX yes, SD3 no): one wide matmul, not three;
+   processors support it: FLUX yes, SD3 no): one wide matmul, not three; the unfused weights
+   become views of the fused one (no second copy), and LoRAs on them switch a module back to
+   its unfused projections (`ditmesh.parallel.lora`);
 2. give cuDNN attention priority for the denoiser's forward (`sdpa_kernel(..., set_priority=True)`
    entered by a forward pre-hook, left by an always-called forward hook): the fastest SDPA kernel
    on Hopper at these lengths; others stay as fallbacks for shapes cuDNN refuses;
@@ -24,18 +26,21 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ditmesh.models import adapter_for
-from ditmesh.parallel import graphs
+from ditmesh.parallel import graphs, lora
 
 _SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def apply_fastpath(pipe: Any, *, compile: bool = True, autotune: bool = False, cuda_graphs: bool = True) -> Any:
+def apply_fastpath(pipe: Any, *, compile: bool = True, autotune: bool = False, cuda_graphs: bool = True,
+                   max_graphs: int = graphs.MAX_GRAPHS) -> Any:
     """Speed up a diffusers pipeline (or a bare denoiser) on one CUDA GPU; returns it (a bare
     denoiser comes back wrapped when `cuda_graphs`).
 
     `compile=False` keeps eager execution (fused QKV and cuDNN attention only). `autotune=True`
     adds inductor's coordinate-descent tuning (slow compile, no measured gain).
-    `cuda_graphs` replays each step as one captured graph (`ditmesh.parallel.graphs`).
+    `cuda_graphs` replays each step as one captured graph (`ditmesh.parallel.graphs`), keeping
+    at most `max_graphs` of them. A pipeline then comes back wrapped (`lora.LoraPipeline`), so
+    that its LoRA methods reach the graphed transformer.
     """
     adapter = adapter_for(pipe)
     denoiser = getattr(pipe, adapter.denoiser_attr, pipe)
@@ -43,11 +48,18 @@ def apply_fastpath(pipe: Any, *, compile: bool = True, autotune: bool = False, c
     prefer_cudnn_attention(denoiser)
     if compile:
         compile_repeated_blocks(denoiser, autotune=autotune)
-    return graphs.apply(pipe, adapter) if cuda_graphs else pipe
+    if not cuda_graphs:
+        return pipe
+    pipe = graphs.apply(pipe, adapter, max_graphs)
+    # The pipeline's LoRA methods must reach the model inside the graphed wrapper.
+    return lora.LoraPipeline(pipe) if hasattr(pipe, adapter.denoiser_attr) else pipe
 
 
 def fuse_qkv(denoiser: torch.nn.Module) -> None:
-    """Step 1 of `apply_fastpath`: one Q/K/V matmul where the model's own processors support it."""
+    """Step 1 of `apply_fastpath`: one Q/K/V matmul where the model's own processors support it.
+
+    The unfused projections stay (LoRAs target them) but hold views of the fused weights, so no
+    weight is stored twice; a module whose parts carry an active LoRA runs them unfused."""
     # Only diffusers' current API (`AttentionMixin.fuse_qkv_projections`), where the model keeps
     # its own processors and they read `attn.fused_projections`. The legacy per-model versions
     # swap in generic fused processors, and SD3's drops the QK RMSNorm of SD3.5 (wrong outputs).
@@ -59,7 +71,14 @@ def fuse_qkv(denoiser: torch.nn.Module) -> None:
         denoiser.fuse_qkv_projections()
     except ValueError:
         # diffusers refuses models whose processors project added K/V separately: keep them unfused.
-        pass
+        return
+    fused = [m for m in denoiser.modules() if getattr(m, "fused_projections", False)]
+    for attn in fused:
+        lora.share_fused_storage(attn)  # the unfused weights become views: one copy, not two
+    # A LoRA on to_q/k/v (loaded before or after) acts only in the unfused path: before every
+    # forward, each module takes the fused one only while it equals the unfused ones.
+    lora.sync_fused_projections(fused)
+    denoiser.register_forward_pre_hook(lambda module, args: lora.sync_fused_projections(fused))
 
 
 def prefer_cudnn_attention(denoiser: torch.nn.Module) -> None:

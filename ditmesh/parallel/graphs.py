@@ -13,10 +13,17 @@ the collectives run for real), then captures a third run into a graph whose inpu
 buffers; every call copies its tensors into those buffers, replays, and returns a copy of the
 outputs (the next replay overwrites the graph's own). Calls that record autograd, carry
 arguments that are not plain values, or run off CUDA go to the denoiser unchanged.
+
+The key of a graph also holds the denoiser's LoRA state (`lora.adapter_state`: adapter layers,
+active adapters, scales, merged or not), so loading, switching, fusing or unloading a LoRA
+captures a new graph once per adapter set instead of replaying one that does not see it.
+At most `max_graphs` graphs are kept (least recently used dropped first): each holds its
+activations' memory, and a server taking any size would otherwise grow without bound.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +31,11 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ditmesh.parallel import lora
 from ditmesh.parallel.data import DenoiserWrapper
 
 WARMUP_CALLS = 2  # before capture: the first compiles, the second runs what will be captured
+MAX_GRAPHS = 8  # default bound of the graphs one denoiser keeps (shapes x adapter sets)
 
 
 @dataclass
@@ -45,17 +54,25 @@ class GraphedDenoiser(DenoiserWrapper):
     (as ditmesh's strategies do), so that all ranks capture and replay together.
     """
 
-    def __init__(self, denoiser: nn.Module):
+    def __init__(self, denoiser: nn.Module, max_graphs: int = MAX_GRAPHS):
         super().__init__(denoiser)
-        self._graphs: dict[Any, _Graph] = {}
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1 (got {max_graphs}); to replay no graphs pass cuda_graphs=False")
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[Any, _Graph] = OrderedDict()  # least recently used first
         self._pool = None  # one memory pool shared by this denoiser's graphs (one per signature)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        key = _signature(leaves, spec)
+        key = graph_key(self.inner, leaves, spec)
         if key is None or not _graphable(leaves):
             return self.inner(*args, **kwargs)
-        entry = self._graphs.get(key) or self._capture(key, leaves, spec)
+        entry = self._graphs.get(key)
+        if entry is None:
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.popitem(last=False)  # its memory returns to the pool for the next capture
+            entry = self._capture(key, leaves, spec)
+        self._graphs.move_to_end(key)
         for static, value in zip(entry.inputs, (x for x in leaves if isinstance(x, torch.Tensor))):
             static.copy_(value)
         entry.graph.replay()
@@ -81,6 +98,13 @@ class GraphedDenoiser(DenoiserWrapper):
         return entry
 
 
+def graph_key(denoiser: nn.Module, leaves: list, spec: Any) -> Any:
+    """The key a call's graph is kept under: its arguments' signature and the LoRA state of
+    `denoiser` (None: not graphable)."""
+    signature = _signature(leaves, spec)
+    return None if signature is None else (signature, lora.adapter_state(denoiser))
+
+
 def _signature(leaves: list, spec: Any) -> Any:
     """A hashable key of a call's arguments (tensors by shape, dtype and device, the rest by
     value), or None if one is an object whose state a graph could not follow."""
@@ -103,11 +127,11 @@ def _graphable(leaves: list) -> bool:
     return any(x.is_cuda for x in tensors) and not torch.cuda.is_current_stream_capturing()
 
 
-def apply(pipe: Any, adapter: Any) -> Any:
+def apply(pipe: Any, adapter: Any, max_graphs: int = MAX_GRAPHS) -> Any:
     """Replace `pipe`'s denoiser (or `pipe`, a bare denoiser) by a `GraphedDenoiser`; returns
     what the caller should use as `pipe` from now on."""
     denoiser = getattr(pipe, adapter.denoiser_attr, None)
     if denoiser is None:
-        return GraphedDenoiser(pipe)
-    setattr(pipe, adapter.denoiser_attr, GraphedDenoiser(denoiser))
+        return GraphedDenoiser(pipe, max_graphs)
+    setattr(pipe, adapter.denoiser_attr, GraphedDenoiser(denoiser, max_graphs))
     return pipe

@@ -15,7 +15,7 @@ from ditmesh.parallel.pipefusion import apply_pipefusion
 
 
 def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = None, *, compile: bool | None = None,
-                autotune: bool = False, cuda_graphs: bool | None = None) -> Any:
+                autotune: bool = False, cuda_graphs: bool | None = None, max_graphs: int = graphs.MAX_GRAPHS) -> Any:
     """Make a diffusers pipeline (or a bare transformer) run under `config` on this rank.
 
     Call it on every rank, after torch.distributed is initialised (`DistributedRunner` does
@@ -33,13 +33,14 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     None: on one GPU, and under a process group where the blocks are compiled; True: also eager
     under a process group). Issuing a compiled FLUX step takes the host 30-50 ms, more than one
     rank's GPU work at 4 or 8 GPUs (one rank of ulysses=8: 38.1 ms issued block by block, 23.4 ms
-    as one graph; benchmarks/results/peers_h200_fake8.md).
+    as one graph; benchmarks/results/peers_h200_fake8.md). `max_graphs` bounds the graphs kept
+    (one per input shape and LoRA adapter set, least recently used dropped).
     """
     if config.world_size == 1 and not dist.is_initialized():
         # One process: on CUDA the single-GPU fast path; on CPU the pipeline as it is.
         if _on_cuda(pipe):
             return fastpath.apply_fastpath(pipe, compile=compile is not False, autotune=autotune,
-                                           cuda_graphs=cuda_graphs is not False)
+                                           cuda_graphs=cuda_graphs is not False, max_graphs=max_graphs)
         return pipe
     for name, value in (("compile", compile), ("cuda_graphs", cuda_graphs)):
         if value and (config.tensor_degree > 1 or config.pipefusion_degree > 1):
@@ -83,7 +84,7 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     #    Every rank captures and replays the same calls (the strategies make them alike), so the
     #    captured collectives pair up on replay as they did when captured.
     if ((dist.get_world_size() == 1 or compiled) if cuda_graphs is None else cuda_graphs) and cuda and whole:
-        pipe = graphs.apply(pipe, adapter)
+        pipe = graphs.apply(pipe, adapter, max_graphs)
     # 3. pipefusion: split the blocks into stages; takes over the denoising loop. Inside cfg: each
     #    guidance branch runs its own pipeline of stages, exchanging predictions per patch.
     if config.pipefusion_degree > 1:

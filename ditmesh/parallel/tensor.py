@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ditmesh.models import adapter_for
+from ditmesh.parallel import lora
 from ditmesh.plans import COLWISE, COLWISE_GATHER, ROWWISE, PackedRowwise, Style, TensorPlan
 
 
@@ -64,6 +65,8 @@ def _plan_specs(model: nn.Module, plan: TensorPlan) -> dict[str, ShardSpec]:
 
 def _linear_specs(model: nn.Module, name: str, style: Style) -> dict[str, ShardSpec]:
     linear = model.get_submodule(name)
+    if hasattr(linear, "base_layer"):  # a peft LoRA layer around the Linear
+        raise ValueError(f"{name!r} holds LoRA adapters: {LORA_FIX}")
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"tensor plan names {name!r}, a {type(linear).__name__}; only nn.Linear can be sharded")
     if style in (COLWISE, COLWISE_GATHER):  # weight (out, in): split the out rows; bias with them
@@ -173,10 +176,27 @@ def apply(target: nn.Module, mesh: Any, adapter: Any, config: Any) -> nn.Module:
             f"{type(target).__name__} is already tensor-parallel over other ranks; "
             "shard it once, with the mesh you pass to parallelize"
         )
+    _refuse_loras(target)  # before anything is sharded: the model stays usable
     params = dict(target.named_parameters())
     _shard(target, plan, tp_mesh, source=lambda name: params[name].detach(), device=None, dtype=None)
     _localize_attention(target, plan, tp_mesh)
+    # LoRAs loaded later would add full-width products to sharded outputs: refuse them when
+    # loaded through the pipeline, else at the next forward (every rank loads the same ones, so
+    # all raise before any collective).
+    lora.refuse_loads(target, f"LoRAs cannot be loaded after parallelize: {LORA_FIX}")
+    target.register_forward_pre_hook(lambda module, args: _refuse_loras(module))
     return target
+
+
+LORA_FIX = ("tensor parallelism shards plain Linear layers; bake the LoRAs in before parallelize with "
+            "pipe.fuse_lora() then pipe.unload_lora_weights(), or use ulysses, ring, cfg or data parallelism, "
+            "which keep LoRAs switchable")
+
+
+def _refuse_loras(model: nn.Module) -> None:
+    layers = [name for name, _ in lora.tuner_layers(model)]
+    if layers:
+        raise ValueError(f"LoRA layers on {lora.short_list(layers)}: {LORA_FIX}")
 
 
 def _plan_of(adapter: Any) -> TensorPlan:

@@ -26,6 +26,7 @@ from ditmesh.config import ParallelConfig
 from ditmesh.models import adapter_for
 from ditmesh.models.loading import load_pipeline
 from ditmesh.models.tiny import TINY_PIPELINES, TINY_SIZE
+from ditmesh.parallel import lora
 from ditmesh.parallel.mesh import ParallelMesh
 from ditmesh.parallel.parallelize import parallelize
 from ditmesh.runner.protocol import RequestCancelled
@@ -39,18 +40,30 @@ class DiffusionWorker(DistributedWorker):
     """Serves text-to-image requests with a parallelized diffusers pipeline on every rank."""
 
     def setup(self, model: str = "tiny-flux", parallel: str | ParallelConfig = "ulysses=2", dtype: str = "float32",
-              compile: bool | None = None, cuda_graphs: bool | None = None) -> None:
+              compile: bool | None = None, cuda_graphs: bool | None = None, loras: list | None = None,
+              max_graphs: int | None = None, warmup: bool = False) -> None:
         """Load `model` (a tiny name or a local diffusers folder) in `dtype` on this rank's device
         and parallelize it with `parallel` (a `ParallelConfig` or its string form). `compile` and
-        `cuda_graphs` are `parallelize`'s (None: compiled on CUDA, each step one CUDA graph)."""
+        `cuda_graphs` are `parallelize`'s (None: compiled on CUDA, each step one CUDA graph).
+        `loras`: [(path, scale)] loaded before parallelize and all active (`ditmesh.parallel.lora.load`);
+        `max_graphs` bounds the CUDA graphs kept; `warmup` runs one 2-step call at the default size
+        here, so the compile and capture happen before the first request (seconds in info["warmup_s"])."""
         config = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig.parse(parallel)
         config.check_world_size(self.world_size)
         pipe = load_pipeline(model, dtype=dtype, device=self.device)
         self.default_size = TINY_SIZE if model in TINY_PIPELINES else None  # None: the pipeline's own default
         self.info = _model_info(pipe, model, config, dtype, self.default_size)
+        self.info["loras"] = lora.load(pipe, [tuple(spec) for spec in loras or ()])
+        extra = {} if max_graphs is None else dict(max_graphs=max_graphs)
         mesh = ParallelMesh.build(config) if dist.is_initialized() else None  # None: one process, no group
-        self.pipe = parallelize(pipe, config, mesh, compile=compile, cuda_graphs=cuda_graphs)
+        self.pipe = parallelize(pipe, config, mesh, compile=compile, cuda_graphs=cuda_graphs, **extra)
         self._step_group = _step_group(mesh)
+        if warmup:
+            started = time.perf_counter()
+            # Every rank makes the same call; one image per data group, so every group compiles.
+            self.pipe(prompt="warm-up", num_inference_steps=2, height=self.default_size, width=self.default_size,
+                      num_images_per_prompt=config.data_degree, generator=torch.Generator().manual_seed(0))
+            self.info["warmup_s"] = time.perf_counter() - started
 
     def __call__(
         self,

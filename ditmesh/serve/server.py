@@ -25,8 +25,9 @@ def run_server(runner: DistributedRunner, setup_kwargs: dict[str, Any], settings
     url = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}"
 
     def announce(info: dict[str, Any]) -> None:
+        warmup = f", compiled and captured in {info['warmup_s']:.1f} s" if "warmup_s" in info else ""
         print(f"ditmesh serve: ready on {url} ({info['model']}, {info['parallel']}, {runner.world_size} "
-              f"rank(s) on {runner.device_type}); API docs at {url}/docs", flush=True)
+              f"rank(s) on {runner.device_type}{warmup}); API docs at {url}/docs", flush=True)
 
     app = create_app(runner, setup_kwargs, settings, on_ready=announce)
     # asyncio's own loop: the runner's sockets and process sentinels are tested on it.

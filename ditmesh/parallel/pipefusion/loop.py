@@ -23,6 +23,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from ditmesh.config import ParallelConfig
+from ditmesh.parallel import lora
 from ditmesh.parallel.pipefusion.exchange import StageExchange
 from ditmesh.parallel.pipefusion.schedule import HIDDEN, Item, Schedule, Tick, build_items, build_schedule
 from ditmesh.parallel.pipefusion.stages import keep_stage
@@ -188,6 +189,10 @@ class _Run:
 
 # ---- the transformer wrapper ----------------------------------------------------------------
 
+# A stage keeps its blocks renumbered from 0, so a LoRA's keys would name other blocks.
+LORA_FIX = ("PipeFusion keeps only this rank's blocks; load LoRAs before parallelize (set_adapters, fuse_lora, "
+            "unfuse_lora and unload_lora_weights also work after)")
+
 
 class PipeFusionTransformer(nn.Module):
     """Stand-in for a FLUX/SD3 transformer that runs this rank's PipeFusion stage.
@@ -208,6 +213,8 @@ class PipeFusionTransformer(nn.Module):
         self.context = PatchContext(text_side="first" if sequence else text_side)
         self.model = model
         blocks = keep_stage(model, plan, ranks.index(dist.get_rank()), len(ranks))
+        lora.mark_seen(model)  # LoRAs loaded before stay; later ones would land on renumbered blocks
+        lora.refuse_loads(model, f"PipeFusion cannot apply LoRA adapters loaded after parallelize: {LORA_FIX}")
         install_stale_kv(blocks, self.context)
         self._stage = Stage(model, blocks, plan, group, self.context, sequence)
         self._plan, self._config, self._scheduler, self._guidance_scale = plan, config, scheduler, guidance_scale
@@ -253,6 +260,7 @@ class PipeFusionTransformer(nn.Module):
         return index
 
     def _run_trajectory(self, start: int, kwargs: dict) -> None:
+        lora.refuse_new_loras(self.model, "PipeFusion", LORA_FIX)  # every rank loaded the same: all raise
         plan, scheduler = self._plan, self._scheduler
         steps = range(start, len(scheduler.timesteps))
         latent_in = kwargs["hidden_states"]
