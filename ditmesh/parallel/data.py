@@ -83,18 +83,19 @@ class DataParallelPipeline(PipelineWrapper):
         kwargs["prompt"] = prompt
         check_size(self._adapter, kwargs.get("height"), kwargs.get("width"))
         num_prompts = _num_prompts(kwargs)
-        per_prompt = kwargs.pop("num_images_per_prompt", None) or 1
+        per_prompt_arg = self._adapter.per_prompt_arg  # num_images_per_prompt; video: num_videos_per_prompt
+        per_prompt = kwargs.pop(per_prompt_arg, None) or 1
         num_images = num_prompts * per_prompt
         generators = per_image_generators(kwargs.pop("generator", None), num_images)
         start, stop = shard(num_images, self._mesh.size("data"), self._mesh.rank("data"))
         local = _slice_call(kwargs, num_prompts, per_prompt, start, stop)
-        out = self._pipe(**local, generator=generators[start:stop], num_images_per_prompt=1) if stop > start else None
+        out = self._pipe(**local, generator=generators[start:stop], **{per_prompt_arg: 1}) if stop > start else None
         return self._gather(out, kwargs.get("return_dict", True))
 
     def _gather(self, out: Any, return_dict: bool) -> Any:
         if self._mesh.size("data") == 1:
             return out
-        images = None if out is None else (out.images if return_dict else out[0])
+        images = None if out is None else out[0]  # the output's first field: images (video: frames)
         shares = [None] * self._mesh.size("data") if self._mesh.rank("data") == 0 else None
         # Every rank takes part (idle groups send None); data rank 0 of each group receives.
         dist.gather_object(_to_cpu(images), shares, dst=self._mesh.group_ranks("data")[0], group=self._mesh.group("data"))
@@ -103,7 +104,7 @@ class DataParallelPipeline(PipelineWrapper):
         assert out is not None, "data group 0 always has a share"
         combined = _concat([share for share in shares if share is not None], like=images)
         if return_dict:
-            out.images = combined
+            setattr(out, next(iter(out.keys())), combined)
             return out
         return (combined, *out[1:])
 
