@@ -343,9 +343,10 @@ def wan_transformer_inputs(*, batch: int = 1, frames: int = 3, height: int = 8, 
 
 def tiny_wan_pipeline(seed: int = 0, *, experts: int = 1, image_to_video: bool = False):
     """A tiny random Wan pipeline: `WanPipeline` (Wan 2.1 T2V layout), or with ``experts=2`` the
-    Wan 2.2 A14B layout (high-noise `transformer`, low-noise `transformer_2`, switched at half the
-    schedule), and with `image_to_video` a `WanImageToVideoPipeline` of Wan 2.2 I2V's layout (the
-    image's latents concatenated on channels, no CLIP image encoder). Offline, deterministic."""
+    Wan 2.2 A14B layout (high-noise `transformer`, low-noise `transformer_2`, switched at
+    Wan2.2-T2V's boundary 0.875: of 2 steps, one each), and with `image_to_video` a
+    `WanImageToVideoPipeline` of Wan 2.2 I2V's layout (the image's latents concatenated on
+    channels, no CLIP image encoder). Offline, deterministic."""
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
     in_channels = 2 * WAN_LATENT_CHANNELS + 4 if image_to_video else WAN_LATENT_CHANNELS
@@ -358,7 +359,7 @@ def tiny_wan_pipeline(seed: int = 0, *, experts: int = 1, image_to_video: bool =
             text_encoder=_tiny_umt5(),
             tokenizer=tiny_t5_tokenizer(),
             scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
-            boundary_ratio=0.5 if experts == 2 else None,
+            boundary_ratio=0.875 if experts == 2 else None,
         )
         pipe = WanImageToVideoPipeline(**parts) if image_to_video else WanPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)

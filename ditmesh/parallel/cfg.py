@@ -114,8 +114,10 @@ class CFGDenoiser(DenoiserWrapper):
         cond, uncond = self._all_gather(self._own).chunk(2)
         self._own = None
         if mine:
-            assert self._placeholder is not None and self._placeholder.shape == cond.shape, "output shape != input shape"
-            self._placeholder.copy_(cond)
+            assert self._placeholder is not None, "the cond call left a placeholder"
+            # Same shape as the input, unless the model's output has fewer channels (Wan I2V: the
+            # image latents and mask ride on the input's channels): then it takes the output's.
+            self._placeholder.resize_(cond.shape).copy_(cond)
             return out
         return _wrap_like(uncond, kwargs)
 
