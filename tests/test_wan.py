@@ -31,12 +31,14 @@ FRAMES = 9  # 3 latent frames: 27 video tokens
 # ---- the transformer alone: sequence and tensor parallelism ----------------------------------
 
 
-def _transformer_case(parallel: str, num_heads: int, frames: int, height: int, width: int) -> dict:
-    """Serial vs parallel output of one tiny Wan transformer, and the tokens rank-local blocks saw."""
+def _transformer_case(parallel: str, num_heads: int, frames: int, height: int, width: int, image_tokens: int = 0) -> dict:
+    """Serial vs parallel output of one tiny Wan transformer, and the tokens rank-local blocks saw.
+    `image_tokens` > 0: Wan 2.1 I2V's cross-attention to image-encoder tokens (and 512 text tokens)."""
     config = ParallelConfig.parse(parallel)
     mesh = ParallelMesh.build(config)
-    model = tiny_wan_transformer(num_heads=num_heads)
-    inputs = wan_transformer_inputs(frames=frames, height=height, width=width)
+    model = tiny_wan_transformer(num_heads=num_heads, image_dim=16 if image_tokens else None)
+    inputs = wan_transformer_inputs(frames=frames, height=height, width=width, image_tokens=image_tokens,
+                                    text_len=512 if image_tokens else 7)
     seen = []  # (video tokens, text tokens) entering the second block
     model.blocks[1].register_forward_pre_hook(lambda m, args: seen.append((args[0].shape[1], args[1].shape[1])))
     with torch.no_grad():
@@ -65,20 +67,23 @@ def _check_transformer(results: list[list[dict]], cases: list[tuple]) -> None:
     for rank_results in results:
         for case, result in zip(cases, rank_results):
             assert result["close"] is None, (case, result["close"])
-            (tokens, text), degree = result["serial"], result["degree"]
+            (tokens, text), degree = result["serial"], result["degree"]  # text: [image tokens, text] for I2V
             # Video tokens are split (ceil(n / degree) per rank), the text stays whole for cross-attention.
             assert result["parallel"] == (-(-tokens // degree), text), (case, result)
 
 
-# (parallel, heads, latent frames, latent height, latent width): token counts 3*3*5 = 45 and
-# 5*2*3 = 30 and heads 3 do not divide the degrees.
+# (parallel, heads, latent frames, latent height, latent width[, image tokens]): token counts
+# 3*3*5 = 45 and 5*2*3 = 30 and heads 3 do not divide the degrees; 5 image tokens: Wan 2.1 I2V.
 CASES_2 = [
     ("ulysses=2", 3, 3, 6, 10),
     ("ring=2", 4, 3, 6, 10),
     ("tensor=2", 4, 5, 4, 6),
+    ("ulysses=2", 4, 3, 6, 10, 5),
+    ("tensor=2", 4, 3, 4, 4, 5),
 ]
 CASES_4 = [
     ("ulysses=4", 3, 5, 4, 6),
+    ("ulysses=4", 4, 2, 4, 4),  # 8 tokens, 4 heads: nothing padded (the packed exchange)
     ("ring=2,ulysses=2", 3, 3, 6, 10),
     ("ulysses=2,tensor=2", 4, 3, 6, 10),
     ("tensor=4", 4, 3, 4, 4),

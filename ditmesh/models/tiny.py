@@ -304,10 +304,12 @@ WAN_FRAMES = 9
 
 
 def tiny_wan_transformer(*, seed: int = 0, num_heads: int = 4, head_dim: int = 12, num_layers: int = 2,
-                         in_channels: int = WAN_LATENT_CHANNELS):
+                         in_channels: int = WAN_LATENT_CHANNELS, image_dim: int | None = None):
     """A `WanTransformer3DModel` like Wan 2.1/2.2 (self-attention with 3-D RoPE and q/k RMSNorm
     across heads, cross-attention to the text), tens of k parameters. `in_channels` 2 x latent + 4
-    makes the I2V layout (noise, frame mask, image latents concatenated on channels)."""
+    makes the I2V layout (noise, frame mask, image latents concatenated on channels); `image_dim`
+    Wan 2.1 I2V's cross-attention to image-encoder tokens of that width (its text is then 512
+    tokens: diffusers' processor splits [image, text] at 512 from the end)."""
     from diffusers import WanTransformer3DModel
 
     with torch.random.fork_rng(devices=[]):
@@ -324,21 +326,27 @@ def tiny_wan_transformer(*, seed: int = 0, num_heads: int = 4, head_dim: int = 1
             num_layers=num_layers,
             cross_attn_norm=True,
             rope_max_seq_len=64,
+            image_dim=image_dim,
+            added_kv_proj_dim=None if image_dim is None else num_heads * head_dim,
         )
     return model.eval()
 
 
 def wan_transformer_inputs(*, batch: int = 1, frames: int = 3, height: int = 8, width: int = 8, text_len: int = 7,
-                           in_channels: int = WAN_LATENT_CHANNELS, seed: int = 0):
+                           in_channels: int = WAN_LATENT_CHANNELS, image_tokens: int = 0, image_dim: int = 16,
+                           seed: int = 0):
     """Random keyword inputs for a tiny Wan transformer; frames/height/width are latent sizes
-    (tokens: frames x height/2 x width/2)."""
+    (tokens: frames x height/2 x width/2); `image_tokens` > 0 adds image-encoder tokens (Wan 2.1 I2V)."""
     gen = torch.Generator().manual_seed(seed)
-    return dict(
+    inputs = dict(
         hidden_states=torch.randn(batch, in_channels, frames, height, width, generator=gen),
         timestep=torch.full((batch,), 700.0),
         encoder_hidden_states=torch.randn(batch, text_len, T5_DIM, generator=gen),
         return_dict=False,
     )
+    if image_tokens:
+        inputs["encoder_hidden_states_image"] = torch.randn(batch, image_tokens, image_dim, generator=gen)
+    return inputs
 
 
 def tiny_wan_pipeline(seed: int = 0, *, experts: int = 1, image_to_video: bool = False):
