@@ -28,7 +28,7 @@ from typing import Any
 
 from ditmesh.config import ParallelConfig
 
-TINY_MODELS = ("tiny-flux", "tiny-sd3", "tiny-sdxl")
+TINY_MODELS = ("tiny-flux", "tiny-sd3", "tiny-sdxl", "tiny-wan")
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_HELP = f"{', '.join(TINY_MODELS)} (tiny random, offline) or a local diffusers folder (model_index.json)"
 
@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_speed_arguments(gen)
     _add_lora_argument(gen)
     gen.add_argument("-o", "--output", default="out.png", help="image path; several images: out_0.png, out_1.png, ...")
+    gen.add_argument("--frames", type=int, default=None,
+                     help="video models (Wan): frames, 4k+1 (default: the pipeline's; 9 for tiny-wan); "
+                          "-o out.mp4 (needs ditmesh[video]), .gif or .webp")
+    gen.add_argument("--fps", type=int, default=16, help="video models: frames per second of the written file")
     gen.set_defaults(run=_generate)
 
     bench = commands.add_parser("bench", help="time one generation under several parallel configs, side by side",
@@ -204,10 +208,14 @@ def _generate(args: argparse.Namespace) -> int:
                    width=args.width, seed=args.seed, num_images=args.num_images, guidance=args.guidance)
     if args.true_cfg_scale is not None:
         payload["true_cfg_scale"] = args.true_cfg_scale
+    if args.frames is not None:
+        payload["num_frames"] = args.frames
     device_type = None if args.device == "auto" else args.device
     started = time.perf_counter()
     setup = dict(model=args.model, parallel=str(config), dtype=args.dtype, **_speed_setup(args))
     result = asyncio.run(_run(config, device_type, setup, payload))
+    if "videos" in result:
+        return _write_videos(result, args, config, started)
     paths = _save(result["images"], Path(args.output))
     total = time.perf_counter() - started
     print(f"wrote {', '.join(map(str, paths))} ({result['images'][0].width}x{result['images'][0].height}, "
@@ -317,6 +325,42 @@ def _check_model(model: str) -> None:
                          "pass a tiny name or the path of a downloaded diffusers folder (with model_index.json)")
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"no model_index.json in {folder}; pass the folder in diffusers layout that holds it")
+
+
+def _write_videos(result: dict[str, Any], args: argparse.Namespace, config: ParallelConfig, started: float) -> int:
+    videos, output = result["videos"], Path(args.output)
+    if len(videos) == 1:
+        paths = [output]
+    else:
+        paths = [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(len(videos))]
+    for frames, path in zip(videos, paths):
+        save_video(frames, path, args.fps)
+    first = videos[0][0]
+    print(f"wrote {', '.join(map(str, paths))} ({len(videos[0])} frames of {first.width}x{first.height}, "
+          f"{config.world_size} process(es), {config}): generation {result['seconds']:.2f} s, "
+          f"total {time.perf_counter() - started:.2f} s")
+    return 0
+
+
+def save_video(frames: list[Any], path: Path, fps: int = 16) -> Path:
+    """Write PIL `frames` to `path`: .mp4 through diffusers' `export_to_video` (imageio-ffmpeg:
+    ``pip install 'ditmesh[video]'``), any other suffix (.gif, .webp, .png) as an animation by PIL."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".mp4":
+        import importlib.util
+
+        if importlib.util.find_spec("imageio_ffmpeg") is None:
+            raise ValueError(f"writing {path.name} needs imageio-ffmpeg: pip install 'ditmesh[video]', "
+                             "or write a .gif or .webp instead")
+        from diffusers.utils import export_to_video
+
+        export_to_video(frames, str(path), fps=fps)
+    elif path.suffix.lower() in (".gif", ".webp", ".png"):
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    else:
+        raise ValueError(f"cannot write a video to {path.name}; use a .mp4, .gif, .webp or .png (animated) path")
+    return path
 
 
 def _save(images: list[Any], output: Path) -> list[Path]:

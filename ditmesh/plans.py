@@ -54,6 +54,14 @@ class SequencePlan:
 
     splits: tuple[Split, ...]
     gathers: tuple[Gather, ...]
+    cross_attention: tuple[str, ...] = ()
+    """Patterns (as `TensorPlan`'s) of attention modules whose keys/values are whole on every
+    rank (Wan's cross-attention to the text): their queries are this rank's image shard, so they
+    attend locally, with no exchange."""
+
+    def is_cross_attention(self, module_name: str) -> bool:
+        """Whether the attention module `module_name` is one of `cross_attention`."""
+        return any(_matches(pattern, module_name) for pattern in self.cross_attention)
 
 
 # ---- tensor parallelism ---------------------------------------------------------------------
@@ -62,6 +70,9 @@ COLWISE = "colwise"
 """Output features split over ranks; the output stays sharded (feeds attention or a rowwise layer)."""
 ROWWISE = "rowwise"
 """Input features split over ranks; partial outputs are summed by one all-reduce. Bias replicated."""
+SHARDED_NORM = "sharded_norm"
+"""An RMSNorm over the whole width of a colwise output (Wan's q/k norm across heads): its weight is
+split like the features and the mean square is summed over the tensor ranks (one small all-reduce)."""
 COLWISE_GATHER = "colwise_gather"
 """Output features split over ranks, then all-gathered so every rank has the full output
 (for AdaLN modulation: a big weight applied to one vector per sample, whose output indexes the
@@ -96,7 +107,7 @@ class TensorPlan:
     """
 
     layers: tuple[tuple[str, Style], ...]
-    """(module-name pattern, style): style is COLWISE, ROWWISE, COLWISE_GATHER or a PackedRowwise."""
+    """(module-name pattern, style): style is COLWISE, ROWWISE, COLWISE_GATHER, SHARDED_NORM or a PackedRowwise."""
     attention: tuple[str, ...]
     """Patterns of the attention modules whose ``heads`` attribute becomes the local head count."""
 

@@ -28,6 +28,15 @@ class ModelAdapter:
     """diffusers denoiser (transformer / U-Net) class names of this family."""
     denoiser_attr: str = "transformer"
     """Attribute of the pipeline holding the denoiser ("transformer" or "unet")."""
+    extra_denoisers: tuple[str, ...] = ()
+    """Further pipeline attributes holding denoisers of the same architecture that get the same
+    strategies (Wan 2.2's low-noise expert "transformer_2"); ones a pipeline sets to None are skipped."""
+    per_prompt_arg: str = "num_images_per_prompt"
+    """The pipeline call's outputs-per-prompt argument ("num_videos_per_prompt" for video)."""
+    guidance_rule: str | None = None
+    """What switches classifier-free guidance on in a call: "guidance_scale" (> 1) or "true_cfg"
+    (true_cfg_scale > 1 and a negative prompt); None: "guidance_scale" for batched cfg, "true_cfg"
+    for sequential."""
     size_multiple: int = 16
     """Height and width must be multiples of this (VAE scale x patch size)."""
     cfg_mode: str = "batched"
@@ -41,6 +50,15 @@ class ModelAdapter:
     """Which linears tensor parallelism splits, and how (None: not supported)."""
     stage_plan: StagePlan | None = None
     """How blocks split into PipeFusion stages (None: not supported)."""
+
+
+def denoisers(pipe: Any, adapter: ModelAdapter) -> dict[str, Any]:
+    """Attribute -> denoiser of every denoiser `pipe` holds (`denoiser_attr`, then the
+    `extra_denoisers` it sets); ``{"": pipe}`` for a bare denoiser."""
+    if not hasattr(pipe, adapter.denoiser_attr):
+        return {"": pipe}
+    attrs = (adapter.denoiser_attr,) + adapter.extra_denoisers
+    return {attr: getattr(pipe, attr) for attr in attrs if getattr(pipe, attr, None) is not None}
 
 
 def register(adapter: ModelAdapter) -> ModelAdapter:

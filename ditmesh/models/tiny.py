@@ -104,7 +104,7 @@ def sd3_transformer_inputs(*, batch: int = 1, height: int = 32, width: int = 32,
 
 # ---- tiny pipelines: the real diffusers pipeline classes with tiny components ----------------
 
-TINY_PIPELINES = ("tiny-flux", "tiny-sd3", "tiny-sdxl")
+TINY_PIPELINES = ("tiny-flux", "tiny-sd3", "tiny-sdxl", "tiny-wan")
 TINY_SIZE = 128
 """Default image size (pixels) for the tiny pipelines: 16x16 latents, 64 FLUX/SD3 image tokens."""
 _MAX_TOKENS = 77  # CLIP context length, as in the real CLIP tokenizers
@@ -118,7 +118,8 @@ def tiny_pipeline(name: str, seed: int = 0):
     and an 8x VAE, so sizes, CFG batching and every code path match the full models; a 128x128
     image in a few steps takes well under a second on a CPU.
     """
-    builders = {"tiny-flux": _tiny_flux_pipeline, "tiny-sd3": _tiny_sd3_pipeline, "tiny-sdxl": _tiny_sdxl_pipeline}
+    builders = {"tiny-flux": _tiny_flux_pipeline, "tiny-sd3": _tiny_sd3_pipeline, "tiny-sdxl": _tiny_sdxl_pipeline,
+                "tiny-wan": tiny_wan_pipeline}
     if name not in builders:
         raise ValueError(f"unknown tiny pipeline {name!r}; use one of {', '.join(TINY_PIPELINES)}")
     with torch.random.fork_rng(devices=[]):
@@ -293,3 +294,102 @@ def _t5_vocab() -> list[tuple[str, float]]:
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(f"▁{word}", -1.0) for word in words] + [(char, -3.0) for char in chars]
     return pieces
+
+
+# ---- tiny Wan (video): Wan 2.1 T2V layout; Wan 2.2's two experts and I2V on request ----------
+
+WAN_LATENT_CHANNELS = 4
+WAN_FRAMES = 9
+"""Default frame count of the tiny Wan pipelines: 3 latent frames (the VAE's 4x causal time scale)."""
+
+
+def tiny_wan_transformer(*, seed: int = 0, num_heads: int = 4, head_dim: int = 12, num_layers: int = 2,
+                         in_channels: int = WAN_LATENT_CHANNELS, image_dim: int | None = None):
+    """A `WanTransformer3DModel` like Wan 2.1/2.2 (self-attention with 3-D RoPE and q/k RMSNorm
+    across heads, cross-attention to the text), tens of k parameters. `in_channels` 2 x latent + 4
+    makes the I2V layout (noise, frame mask, image latents concatenated on channels); `image_dim`
+    Wan 2.1 I2V's cross-attention to image-encoder tokens of that width (its text is then 512
+    tokens: diffusers' processor splits [image, text] at 512 from the end)."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=num_heads,
+            attention_head_dim=head_dim,  # RoPE: (t, h, w) = (head_dim - 2 * 2 * (head_dim // 6), ...)
+            in_channels=in_channels,
+            out_channels=WAN_LATENT_CHANNELS,
+            text_dim=T5_DIM,
+            freq_dim=16,
+            ffn_dim=2 * num_heads * head_dim,
+            num_layers=num_layers,
+            cross_attn_norm=True,
+            rope_max_seq_len=64,
+            image_dim=image_dim,
+            added_kv_proj_dim=None if image_dim is None else num_heads * head_dim,
+        )
+    return model.eval()
+
+
+def wan_transformer_inputs(*, batch: int = 1, frames: int = 3, height: int = 8, width: int = 8, text_len: int = 7,
+                           in_channels: int = WAN_LATENT_CHANNELS, image_tokens: int = 0, image_dim: int = 16,
+                           seed: int = 0):
+    """Random keyword inputs for a tiny Wan transformer; frames/height/width are latent sizes
+    (tokens: frames x height/2 x width/2); `image_tokens` > 0 adds image-encoder tokens (Wan 2.1 I2V)."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = dict(
+        hidden_states=torch.randn(batch, in_channels, frames, height, width, generator=gen),
+        timestep=torch.full((batch,), 700.0),
+        encoder_hidden_states=torch.randn(batch, text_len, T5_DIM, generator=gen),
+        return_dict=False,
+    )
+    if image_tokens:
+        inputs["encoder_hidden_states_image"] = torch.randn(batch, image_tokens, image_dim, generator=gen)
+    return inputs
+
+
+def tiny_wan_pipeline(seed: int = 0, *, experts: int = 1, image_to_video: bool = False):
+    """A tiny random Wan pipeline: `WanPipeline` (Wan 2.1 T2V layout), or with ``experts=2`` the
+    Wan 2.2 A14B layout (high-noise `transformer`, low-noise `transformer_2`, switched at
+    Wan2.2-T2V's boundary 0.875: of 2 steps, one each), and with `image_to_video` a
+    `WanImageToVideoPipeline` of Wan 2.2 I2V's layout (the image's latents concatenated on
+    channels, no CLIP image encoder). Offline, deterministic."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+
+    in_channels = 2 * WAN_LATENT_CHANNELS + 4 if image_to_video else WAN_LATENT_CHANNELS
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        parts = dict(
+            transformer=tiny_wan_transformer(seed=seed, in_channels=in_channels),
+            transformer_2=tiny_wan_transformer(seed=seed + 1, in_channels=in_channels) if experts == 2 else None,
+            vae=_tiny_wan_vae(),
+            text_encoder=_tiny_umt5(),
+            tokenizer=tiny_t5_tokenizer(),
+            scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+            boundary_ratio=0.875 if experts == 2 else None,
+        )
+        pipe = WanImageToVideoPipeline(**parts) if image_to_video else WanPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_wan_vae():
+    # The real VAE's scales (8x space, 4x causal time) with tiny widths.
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=8, z_dim=WAN_LATENT_CHANNELS, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 1.2, 1.8],
+    ).eval()
+
+
+def _tiny_umt5():
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=len(_t5_vocab()), d_model=T5_DIM, d_kv=8, d_ff=2 * T5_DIM, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+    )
+    return UMT5EncoderModel(config).eval()

@@ -341,16 +341,28 @@ class RedirectSDPA(TorchFunctionMode):
 _PYTHON_TENSOR_METHODS = {name: func for name, func in vars(torch.Tensor).items() if inspect.isfunction(func)}
 
 
+def _sdpa_to_cross_attention(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    # Cross-attention: the queries are this rank's image shard, the keys/values (text, or an
+    # image prompt) are whole on every rank, so local attention is exact with no exchange.
+    if attn_mask is not None or is_causal or dropout_p != 0.0:
+        raise ValueError("sequence-parallel cross-attention supports unmasked, non-causal attention without dropout")
+    return local_attention(query, key, value, ctx.backend, scale=scale)
+
+
 class SequenceParallelProcessor:
     """An attention processor that runs the model's original processor with its SDPA call
-    replaced by ditmesh's sequence-parallel `attention`. Install with ``set_attn_processor``."""
+    replaced by ditmesh's sequence-parallel `attention` (or, for a `cross` attention whose
+    keys/values are whole on every rank, by local attention of this rank's queries).
+    Install with ``set_attn_processor``."""
 
-    def __init__(self, inner: Any, ctx: SequenceContext):
+    def __init__(self, inner: Any, ctx: SequenceContext, cross: bool = False):
         self.inner = inner
         self.ctx = ctx
+        self.cross = cross
 
     def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        route = RedirectSDPA(lambda _sdpa, *a, **k: _sdpa_to_attention(self.ctx, *a, **k))
+        to = _sdpa_to_cross_attention if self.cross else _sdpa_to_attention
+        route = RedirectSDPA(lambda _sdpa, *a, **k: to(self.ctx, *a, **k))
         with route:
             out = self.inner(attn, *args, **kwargs)
         if route.calls == 0 and self.ctx.num_tokens is not None:

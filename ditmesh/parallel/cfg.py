@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ditmesh.models.base import denoisers
 from ditmesh.parallel.comm import all_gather
 from ditmesh.parallel.data import DenoiserWrapper, PipelineWrapper
 from ditmesh.parallel.mesh import ParallelMesh
@@ -42,9 +43,11 @@ def apply(pipe: Any, mesh: ParallelMesh, adapter: Any, config: Any) -> Any:
         )
     if adapter.cfg_mode not in CFG_MODES:
         raise ValueError(f"{adapter.name} has cfg_mode {adapter.cfg_mode!r}; cfg parallelism supports {CFG_MODES}")
-    denoiser = CFGDenoiser(getattr(pipe, adapter.denoiser_attr), mesh, adapter.cfg_mode)
-    setattr(pipe, adapter.denoiser_attr, denoiser)
-    return CFGPipeline(pipe, denoiser, adapter)
+    wrappers = []
+    for attr, denoiser in denoisers(pipe, adapter).items():  # each expert (Wan 2.2) its own wrapper
+        wrappers.append(CFGDenoiser(denoiser, mesh, adapter.cfg_mode))
+        setattr(pipe, attr, wrappers[-1])
+    return CFGPipeline(pipe, wrappers, adapter)
 
 
 class CFGDenoiser(DenoiserWrapper):
@@ -111,8 +114,10 @@ class CFGDenoiser(DenoiserWrapper):
         cond, uncond = self._all_gather(self._own).chunk(2)
         self._own = None
         if mine:
-            assert self._placeholder is not None and self._placeholder.shape == cond.shape, "output shape != input shape"
-            self._placeholder.copy_(cond)
+            assert self._placeholder is not None, "the cond call left a placeholder"
+            # Same shape as the input, unless the model's output has fewer channels (Wan I2V: the
+            # image latents and mask ride on the input's channels): then it takes the output's.
+            self._placeholder.resize_(cond.shape).copy_(cond)
             return out
         return _wrap_like(uncond, kwargs)
 
@@ -128,18 +133,20 @@ class CFGDenoiser(DenoiserWrapper):
 class CFGPipeline(PipelineWrapper):
     """A pipeline whose calls run the two guidance branches on the two cfg ranks."""
 
-    def __init__(self, pipe: Any, denoiser: CFGDenoiser, adapter: Any):
+    def __init__(self, pipe: Any, denoisers: list[CFGDenoiser], adapter: Any):
         super().__init__(pipe)
-        self._denoiser = denoiser
+        self._denoisers = denoisers
         self._adapter = adapter
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         _check_guidance(self._adapter, self._defaults(), kwargs)
-        self._denoiser.start()
+        for denoiser in self._denoisers:
+            denoiser.start()
         try:
             return self._pipe(*args, **kwargs)
         finally:
-            self._denoiser.stop()
+            for denoiser in self._denoisers:
+                denoiser.stop()
 
     def _defaults(self) -> dict[str, Any]:
         params = inspect.signature(self._pipe.__call__).parameters
@@ -149,7 +156,7 @@ class CFGPipeline(PipelineWrapper):
 def _check_guidance(adapter: Any, defaults: dict[str, Any], kwargs: dict[str, Any]) -> None:
     # cfg_mode says which call arguments switch guidance on (the pipelines' own rules).
     value = {**defaults, **kwargs}.get
-    if adapter.cfg_mode == "batched":
+    if (adapter.guidance_rule or ("guidance_scale" if adapter.cfg_mode == "batched" else "true_cfg")) == "guidance_scale":
         if value("guidance_scale") is not None and value("guidance_scale") <= 1:
             raise ValueError(
                 f"cfg=2 needs classifier-free guidance but guidance_scale is {value('guidance_scale')}; "

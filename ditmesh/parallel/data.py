@@ -86,19 +86,21 @@ class DataParallelPipeline(PipelineWrapper):
         kwargs["prompt"] = prompt
         check_size(self._adapter, kwargs.get("height"), kwargs.get("width"))
         num_prompts = _num_prompts(kwargs)
-        per_prompt = kwargs.pop("num_images_per_prompt", None) or 1
+        per_prompt_arg = self._adapter.per_prompt_arg  # num_images_per_prompt; video: num_videos_per_prompt
+        per_prompt = kwargs.pop(per_prompt_arg, None) or 1
         num_images = num_prompts * per_prompt
         if num_images < 1:
-            raise ValueError(f"the call asks for {num_images} images; pass at least one prompt and num_images_per_prompt >= 1")
+            raise ValueError(f"the call asks for {num_images} images; pass at least one prompt and {per_prompt_arg} >= 1")
         generators = per_image_generators(kwargs.pop("generator", None), num_images)
         start, stop = shard(num_images, self._mesh.size("data"), self._mesh.rank("data"))
         local = _slice_call(kwargs, num_prompts, per_prompt, start, stop)
+        one = {per_prompt_arg: 1}
         if self._mesh.size("data") == 1:
-            return self._pipe(**local, generator=generators[start:stop], num_images_per_prompt=1)
+            return self._pipe(**local, generator=generators[start:stop], **one)
         out, failure = None, None
         try:
             if stop > start:  # a data group with no share runs nothing: no per-step collective of its own
-                out = self._pipe(**local, generator=generators[start:stop], num_images_per_prompt=1)
+                out = self._pipe(**local, generator=generators[start:stop], **one)
         except Exception as error:  # noqa: BLE001 - it travels in the gather, then is raised here
             failure = error
         return self._gather(out, kwargs.get("return_dict", True), failure)
@@ -107,7 +109,7 @@ class DataParallelPipeline(PipelineWrapper):
         """Data rank 0 of each group receives every group's share; a group that failed (raised,
         or stopped on a cancel) sends its exception instead, so every rank still reaches this
         one collective (no group is left waiting for one that raised) and rank 0 raises it."""
-        images = None if out is None else (out.images if return_dict else out[0])
+        images = None if out is None else out[0]  # the output's first field: images (video: frames)
         share = _Failure.of(failure) if failure is not None else _to_cpu(images)
         shares = [None] * self._mesh.size("data") if self._mesh.rank("data") == 0 else None
         dist.gather_object(share, shares, dst=self._mesh.group_ranks("data")[0], group=self._mesh.group("data"))
@@ -121,7 +123,7 @@ class DataParallelPipeline(PipelineWrapper):
         assert out is not None, "data group 0 always has a share"
         combined = _concat([share for share in shares if share is not None], like=images)
         if return_dict:
-            out.images = combined
+            setattr(out, next(iter(out.keys())), combined)
             return out
         return (combined, *out[1:])
 

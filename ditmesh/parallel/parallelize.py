@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ditmesh.config import ParallelConfig
-from ditmesh.models import adapter_for
+from ditmesh.models import adapter_for, denoisers
 from ditmesh.parallel import cfg, data, fastpath, graphs, sequence, tensor, validate
 from ditmesh.parallel.mesh import ParallelMesh
 from ditmesh.parallel.pipefusion import apply_pipefusion
@@ -55,13 +55,15 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     # 1. tensor: shard the denoiser's weights in place (innermost: `parallelize_module` needs the
     #    plain nn.Linear modules, before anything wraps or drops them; attention modules then see
     #    their local head count, which Ulysses in step 2 splits further).
-    # A pipeline holds the denoiser under `denoiser_attr`; a bare transformer is the denoiser.
-    denoiser = getattr(pipe, adapter.denoiser_attr, pipe)
-    tensor.apply(denoiser, mesh, adapter, config)
+    # A pipeline holds the denoiser under `denoiser_attr` (Wan 2.2 a second expert too: every
+    # step below applies to each); a bare transformer is the denoiser.
+    experts = list(denoisers(pipe, adapter).values())
+    for denoiser in experts:
+        tensor.apply(denoiser, mesh, adapter, config)
     # 1b. CUDA fast path, where the layers stay whole (the tensor plan names to_q/to_k/to_v;
     #    PipeFusion's stage loop is not compiled yet): fused Q/K/V before step 2 wraps the processors.
     cuda, whole = _on_cuda(pipe), config.tensor_degree == 1 and config.pipefusion_degree == 1
-    if cuda:
+    for denoiser in experts if cuda else ():
         fastpath.prefer_cudnn_attention(denoiser)
         if whole:
             fastpath.fuse_qkv(denoiser)
@@ -69,7 +71,7 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     #    on the denoiser itself: before step 3 replaces it (PipeFusion's stale-K/V processors wrap
     #    these, and its stage loop shards each patch with their context) and before step 4 wraps it
     #    (the cfg wrapper halves the batch, then the hooks split that half's tokens).
-    if config.sequence_degree > 1:
+    for denoiser in experts if config.sequence_degree > 1 else ():
         sequence.apply(denoiser, mesh, adapter, config)
     # 2b. regional compile of the blocks as steps 1-2 left them (Ulysses all-to-alls and the ring's
     #    all-gather are functional collectives: they sit inside the graphs, no graph break).
@@ -78,7 +80,8 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
         # Head groups need the reordering too: inductor's default schedule starts each group's
         # exchange only after the previous group's attention, which leaves nothing to overlap.
         reorder = config.reorder_comms or config.ulysses_head_groups > 1
-        fastpath.compile_repeated_blocks(denoiser, autotune=autotune, reorder_comms=reorder)
+        for denoiser in experts:
+            fastpath.compile_repeated_blocks(denoiser, autotune=autotune, reorder_comms=reorder)
     # 2c. CUDA graphs around the whole denoiser as steps 1-2b left it (hooks, compiled blocks and
     #    their collectives are captured; cfg and data, which wrap it, stay outside).
     #    Every rank captures and replays the same calls (the strategies make them alike), so the

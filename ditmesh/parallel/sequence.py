@@ -63,7 +63,7 @@ def apply(target: torch.nn.Module, mesh: Any, adapter: Any, config: Any) -> Sequ
         backend=config.attention_backend,
         head_groups=config.ulysses_head_groups,
     )
-    processors = _wrap_processors(target, ctx)
+    processors = _wrap_processors(target, ctx, plan)
     hooks = [target.register_forward_pre_hook(lambda module, args: _begin_forward(ctx), prepend=True)]
     hooks += _install_splits(target, plan.splits, ctx)
     hooks += [_submodule(target, g.module).register_forward_hook(_gather_hook(g, ctx)) for g in plan.gathers]
@@ -72,14 +72,17 @@ def apply(target: torch.nn.Module, mesh: Any, adapter: Any, config: Any) -> Sequ
     return handle
 
 
-def _wrap_processors(model: torch.nn.Module, ctx: SequenceContext) -> dict[str, Any]:
+def _wrap_processors(model: torch.nn.Module, ctx: SequenceContext, plan: SequencePlan) -> dict[str, Any]:
     originals = dict(model.attn_processors)
     for name, processor in originals.items():
         if getattr(processor, "_parallel_config", None) is not None:
             raise ValueError(f"{name} uses diffusers' own context parallelism; disable it (do not call enable_parallelism) with ditmesh")
         if getattr(processor, "_attention_backend", None) not in (None, "native"):
             raise ValueError(f"{name} uses attention backend {processor._attention_backend!r}; call model.set_attention_backend('native') first")
-    model.set_attn_processor({name: SequenceParallelProcessor(p, ctx) for name, p in originals.items()})
+    model.set_attn_processor({
+        name: SequenceParallelProcessor(p, ctx, cross=plan.is_cross_attention(name.removesuffix(".processor")))
+        for name, p in originals.items()
+    })
     return originals
 
 
@@ -120,8 +123,15 @@ def _install_splits(model: torch.nn.Module, splits: tuple[Split, ...], ctx: Sequ
         if inputs:
             hooks.append(module.register_forward_pre_hook(_split_inputs_hook(module, inputs, ctx), with_kwargs=True))
         for split in outputs:
-            hooks.append(module.register_forward_hook(lambda m, args, out, s=split: _shard(out, s, ctx)))
+            hooks.append(module.register_forward_hook(lambda m, args, out, s=split: _shard_output(out, s, ctx)))
     return hooks
+
+
+def _shard_output(out: Any, split: Split, ctx: SequenceContext) -> Any:
+    """`_shard` of a module's output, or of each tensor of a tuple output (Wan's RoPE: cos, sin)."""
+    if isinstance(out, tuple):
+        return tuple(_shard(x, split, ctx) for x in out)
+    return _shard(out, split, ctx)
 
 
 def _split_inputs_hook(module: torch.nn.Module, splits: list[Split], ctx: SequenceContext):

@@ -30,7 +30,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from ditmesh.models import adapter_for
 from ditmesh.parallel import lora
-from ditmesh.plans import COLWISE, COLWISE_GATHER, ROWWISE, PackedRowwise, Style, TensorPlan
+from ditmesh.plans import COLWISE, COLWISE_GATHER, ROWWISE, SHARDED_NORM, PackedRowwise, Style, TensorPlan
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ def _linear_specs(model: nn.Module, name: str, style: Style) -> dict[str, ShardS
     linear = model.get_submodule(name)
     if hasattr(linear, "base_layer"):  # a peft LoRA layer around the Linear
         raise ValueError(f"{name!r} holds LoRA adapters: {LORA_FIX}")
+    if style == SHARDED_NORM:  # the norm's weight is split like the features it normalises
+        return {f"{name}.weight": ShardSpec(0, (linear.weight.shape[0],))}
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"tensor plan names {name!r}, a {type(linear).__name__}; only nn.Linear can be sharded")
     if style in (COLWISE, COLWISE_GATHER):  # weight (out, in): split the out rows; bias with them
@@ -228,7 +230,29 @@ def _shard(
     # The parameters are DTensors already, so these styles only add their input/output hooks
     # (distribute_tensor returns a DTensor with matching placements as it is).
     for name, style in plan.resolve(model).items():
-        parallelize_module(model.get_submodule(name), tp_mesh, _torch_style(style))
+        if style == SHARDED_NORM:
+            _set(model, name, ShardedRMSNorm(model.get_submodule(name), tp_mesh))
+        else:
+            parallelize_module(model.get_submodule(name), tp_mesh, _torch_style(style))
+
+
+class ShardedRMSNorm(nn.Module):
+    """`nn.RMSNorm` over features split across the tensor ranks (`SHARDED_NORM`): each rank scales
+    its slice by the root mean square of the whole width (sum of squares all-reduced over the
+    tensor group: every rank of it must run every forward) and by its slice of the weight."""
+
+    def __init__(self, norm: nn.RMSNorm, tp_mesh: DeviceMesh):
+        super().__init__()
+        if not isinstance(norm, nn.RMSNorm) or norm.weight is None:
+            raise ValueError(f"{SHARDED_NORM} needs an nn.RMSNorm with a weight, got {type(norm).__name__}")
+        self.weight = norm.weight  # DTensor, Shard(0): this rank's features
+        self.width, self.eps, self.tp_mesh = norm.normalized_shape[-1], norm.eps, tp_mesh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squares = _wait(funcol.all_reduce(x.float().square().sum(-1, keepdim=True), "sum", self.tp_mesh))
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
+        return (x.float() * torch.rsqrt(squares / self.width + eps)).type_as(x) * weight
 
 
 def _localize_attention(model: nn.Module, plan: TensorPlan, tp_mesh: DeviceMesh) -> None:

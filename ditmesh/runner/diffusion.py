@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ditmesh.config import ParallelConfig
 from ditmesh.models import adapter_for
 from ditmesh.models.loading import load_pipeline
-from ditmesh.models.tiny import TINY_PIPELINES, TINY_SIZE
+from ditmesh.models.tiny import TINY_PIPELINES, TINY_SIZE, WAN_FRAMES
 from ditmesh.parallel import lora
 from ditmesh.parallel.mesh import ParallelMesh
 from ditmesh.parallel.parallelize import parallelize
@@ -52,6 +52,7 @@ class DiffusionWorker(DistributedWorker):
         config.check_world_size(self.world_size)
         pipe = load_pipeline(model, dtype=dtype, device=self.device)
         self.default_size = TINY_SIZE if model in TINY_PIPELINES else None  # None: the pipeline's own default
+        self.per_prompt_arg, self.call_defaults = _call_conventions(pipe, model)
         self.info = _model_info(pipe, model, config, dtype, self.default_size)
         self.info["loras"] = lora.load(pipe, [tuple(spec) for spec in loras or ()])
         extra = {} if max_graphs is None else dict(max_graphs=max_graphs)
@@ -62,7 +63,8 @@ class DiffusionWorker(DistributedWorker):
             started = time.perf_counter()
             # Every rank makes the same call; one image per data group, so every group compiles.
             self.pipe(prompt="warm-up", num_inference_steps=2, height=self.default_size, width=self.default_size,
-                      num_images_per_prompt=config.data_degree, generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0), **{self.per_prompt_arg: config.data_degree},
+                      **self.call_defaults)
             self.info["warmup_s"] = time.perf_counter() - started
 
     def __call__(
@@ -85,7 +87,8 @@ class DiffusionWorker(DistributedWorker):
         with ``"preview"`` (a small PIL image of the latents) when `preview` is set. A request its
         caller gives up stops after the current step on every rank (`RequestCancelled`); under
         PipeFusion, whose first step runs the whole pipelined trajectory, after that. Other keyword
-        arguments go to the pipeline call as they are (e.g. ``true_cfg_scale`` for FLUX).
+        arguments go to the pipeline call as they are (e.g. ``true_cfg_scale`` for FLUX,
+        ``num_frames`` for Wan). A video model returns ``{"videos": [[PIL frame, ...], ...]}``.
 
         ``describe=True`` generates nothing and returns what requests are checked against
         (`ditmesh serve` asks once): ``{"model", "family", "size_multiple", "default_size", ...}``."""
@@ -98,9 +101,9 @@ class DiffusionWorker(DistributedWorker):
             height=height or self.default_size,
             width=width or self.default_size,
             generator=torch.Generator().manual_seed(seed),
-            num_images_per_prompt=num_images,
+            **{self.per_prompt_arg: num_images},
             output_type="pil",
-            **pipeline_kwargs,
+            **{**self.call_defaults, **pipeline_kwargs},
         )
         if negative_prompt is not None:
             call["negative_prompt"] = negative_prompt
@@ -111,7 +114,7 @@ class DiffusionWorker(DistributedWorker):
         out = self.pipe(**call)
         if self.rank != 0:
             return None
-        return {"images": out.images, "seed": seed, "seconds": time.perf_counter() - started}
+        return {**_outputs(out), "seed": seed, "seconds": time.perf_counter() - started}
 
     def _after_step(self, steps: int, streaming: bool, preview: bool, height: int | None,
                     width: int | None) -> Any:
@@ -144,6 +147,22 @@ def _step_group(mesh: ParallelMesh | None) -> Any:
     return group
 
 
+def _call_conventions(pipe: Any, model: str) -> tuple[str, dict[str, Any]]:
+    """(the pipeline's outputs-per-prompt argument, call defaults): video pipelines take
+    ``num_videos_per_prompt``; the tiny video model makes WAN_FRAMES frames unless asked otherwise."""
+    per_prompt_arg = adapter_for(pipe).per_prompt_arg
+    video = per_prompt_arg == "num_videos_per_prompt"
+    return per_prompt_arg, {"num_frames": WAN_FRAMES} if video and model in TINY_PIPELINES else {}
+
+
+def _outputs(out: Any) -> dict[str, Any]:
+    """``{"images": [PIL...]}``, or for a video pipeline ``{"videos": [[PIL frame...]...]}`` (one
+    list of frames per video)."""
+    if hasattr(out, "frames"):
+        return {"videos": [list(video) for video in out.frames]}
+    return {"images": out.images}
+
+
 def _model_info(pipe: Any, model: str, config: ParallelConfig, dtype: str, default_size: int | None) -> dict[str, Any]:
     """What a server validates requests against, read from the model's adapter and the pipeline."""
     adapter = adapter_for(pipe)
@@ -161,6 +180,8 @@ def latent_preview(latents: torch.Tensor, height: int | None = None, width: int 
     from PIL import Image
 
     latent = latents[0].detach().float().cpu()
+    if latent.dim() == 4:  # video latents (C, frames, h, w): the first frame
+        latent = latent[:, 0]
     if latent.dim() == 2:  # packed tokens (FLUX): tokens on a rows x cols grid
         aspect = (height or 1) / (width or 1)
         rows = max(1, round((latent.shape[0] * aspect) ** 0.5))
