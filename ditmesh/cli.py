@@ -108,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     _add_speed_arguments(serve, serving=True)
     _add_lora_argument(serve)
+    serve.add_argument("--lora-dir", default=None,
+                       help="a folder of LoRAs on this machine (folders saved with save_lora_weights, or .safetensors), "
+                            "loaded once by name; a request turns some on with \"loras\": {\"NAME\": SCALE} (a switch "
+                            "to a new set recompiles once on GPUs; a set seen before replays)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs --api-key")
     serve.add_argument("--port", type=int, default=8000, help="0: any free port (the ready line names it)")
     serve.add_argument("--api-key", default=None,
@@ -183,6 +187,12 @@ def _lora_spec(spec: str) -> list:
     if not Path(path).expanduser().exists():
         raise argparse.ArgumentTypeError(f"no LoRA at {path!r}; pass a folder saved with save_lora_weights or a .safetensors file")
     return [str(Path(path).expanduser()), float(scale)]
+
+
+def _lora_dir(folder: str | None) -> str | None:
+    if folder is not None and not Path(folder).expanduser().is_dir():
+        raise ValueError(f"--lora-dir {folder} is not a folder; pass the folder that holds the LoRAs")
+    return None if folder is None else str(Path(folder).expanduser())
 
 
 def _is_number(text: str) -> bool:
@@ -276,7 +286,7 @@ def _serve(args: argparse.Namespace) -> int:
                                device_type=device_type, num_threads=args.threads or (1 if on_cpu else None))
     # Compiled on GPUs: every rank compiles and captures one call before the server says ready.
     setup = dict(model=args.model, parallel=str(config), dtype=args.dtype, **_speed_setup(args),
-                 warmup=not args.eager and not on_cpu)
+                 warmup=not args.eager and not on_cpu, lora_dir=_lora_dir(args.lora_dir))
     run_server(runner, setup, settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ditmesh.cli import main
 from ditmesh.models.tiny import tiny_pipeline
+from ditmesh.parallel import lora
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -162,6 +163,34 @@ def test_diffusion_worker_loads_loras_like_the_plain_pipeline(tmp_path):
         _worker_lora_parity(tmp_path, _make_loras(str(tmp_path))["a"], DiffusionWorker)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_diffusion_worker_switches_named_loras_of_its_folder_per_request(tmp_path):
+    # `ditmesh serve --lora-dir`: LoRAs loaded once by name, a request turns some on; each request
+    # must equal the plain pipeline with exactly those LoRAs (never the previous request's).
+    from test_lora import _make_loras
+
+    from ditmesh.runner.diffusion import DiffusionWorker
+
+    paths = _make_loras(str(tmp_path))
+    plain = tiny_pipeline("tiny-flux")
+    for name, path in paths.items():
+        plain.load_lora_weights(path, adapter_name=name)
+    call = dict(prompt="a cat", num_inference_steps=2, height=32, width=32, output_type="np")
+
+    def expected(adapters):
+        lora.activate(plain, adapters)
+        return plain(**call, generator=torch.Generator().manual_seed(0)).images[0]
+
+    worker = DiffusionWorker()
+    worker._device = torch.device("cpu")
+    worker.setup(model="tiny-flux", parallel="serial", lora_dir=str(tmp_path))
+    assert worker.info["lora_names"] == ["a", "b"]
+    for adapters in ({}, {"a": 0.5}, {"a": 1.0, "b": 0.7}, {}):
+        image = worker(prompt="a cat", steps=2, height=32, width=32, loras=adapters)["images"][0]
+        np.testing.assert_allclose(np.asarray(image, dtype=np.float32) / 255, expected(adapters), atol=1 / 255 + 1e-6)
+    with pytest.raises(ValueError, match="unknown LoRA c; this server has a, b"):
+        worker(prompt="a cat", steps=1, height=32, width=32, loras={"c": 1.0})
 
 
 def _worker_lora_parity(tmp_path, path, DiffusionWorker):

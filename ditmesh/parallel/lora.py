@@ -223,6 +223,38 @@ def adapter_name(path: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in stem) or "lora"
 
 
+def load_folder(pipe: Any, folder: str) -> list[str]:
+    """Load every LoRA in `folder` (each a subfolder saved with `save_lora_weights`, or a
+    ``.safetensors`` file) under its `adapter_name`, inactive; returns the names. A server loads
+    them once so a request can name them (`activate`) without reading a client's path."""
+    from pathlib import Path
+
+    entries = sorted(p for p in Path(folder).expanduser().iterdir() if p.is_dir() or p.suffix == ".safetensors")
+    if not entries:
+        raise ValueError(f"no LoRA in {folder}; put folders saved with save_lora_weights or .safetensors files there")
+    names = load(pipe, [(str(entry), 1.0) for entry in entries])
+    return names
+
+
+def unknown_names(requested: Any, known: list[str]) -> str | None:
+    """The error for a request naming LoRAs the server did not load from its folder (None: all known)."""
+    unknown = sorted(set(requested or ()) - set(known))
+    if not unknown:
+        return None
+    return (f"unknown LoRA {', '.join(unknown)}; this server has "
+            f"{', '.join(known) or 'none (start the server with a LoRA folder: --lora-dir)'}")
+
+
+def activate(pipe: Any, adapters: dict[str, float]) -> None:
+    """Make exactly `adapters` (name -> scale) the active LoRAs of `pipe`; none: LoRAs off.
+    Each distinct set costs one recompile and one capture the first time (graphs are keyed by it)."""
+    if not adapters:
+        pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    pipe.set_adapters(list(adapters), list(adapters.values()))
+
+
 def load(pipe: Any, loras: list[tuple[str, float]]) -> list[str]:
     """Load each (path, scale) LoRA into `pipe` (plain or parallelized) and activate them all
     with their scales; returns the adapter names. Every rank must call it with the same list."""

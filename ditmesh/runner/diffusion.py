@@ -41,13 +41,15 @@ class DiffusionWorker(DistributedWorker):
 
     def setup(self, model: str = "tiny-flux", parallel: str | ParallelConfig = "ulysses=2", dtype: str = "float32",
               compile: bool | None = None, cuda_graphs: bool | None = None, loras: list | None = None,
-              max_graphs: int | None = None, warmup: bool = False) -> None:
+              max_graphs: int | None = None, warmup: bool = False, lora_dir: str | None = None) -> None:
         """Load `model` (a tiny name or a local diffusers folder) in `dtype` on this rank's device
         and parallelize it with `parallel` (a `ParallelConfig` or its string form). `compile` and
         `cuda_graphs` are `parallelize`'s (None: compiled on CUDA, each step one CUDA graph).
         `loras`: [(path, scale)] loaded before parallelize and all active (`ditmesh.parallel.lora.load`);
         `max_graphs` bounds the CUDA graphs kept; `warmup` runs one 2-step call at the default size
-        here, so the compile and capture happen before the first request (seconds in info["warmup_s"])."""
+        here, so the compile and capture happen before the first request (seconds in info["warmup_s"]).
+        `lora_dir`: a folder of LoRAs loaded by name, inactive; a request turns some on with
+        ``loras={"name": scale}`` (`loras` stay on in every request)."""
         config = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig.parse(parallel)
         config.check_world_size(self.world_size)
         pipe = load_pipeline(model, dtype=dtype, device=self.device)
@@ -55,6 +57,11 @@ class DiffusionWorker(DistributedWorker):
         self.per_prompt_arg, self.call_defaults = _call_conventions(pipe, model)
         self.info = _model_info(pipe, model, config, dtype, self.default_size)
         self.info["loras"] = lora.load(pipe, [tuple(spec) for spec in loras or ()])
+        self._fixed_loras = dict(zip(self.info["loras"], [spec[1] for spec in loras or ()]))
+        self.info["lora_names"] = lora.load_folder(pipe, lora_dir) if lora_dir else []
+        if self.info["lora_names"]:
+            lora.activate(pipe, self._fixed_loras)
+        self._active_loras = self._fixed_loras
         extra = {} if max_graphs is None else dict(max_graphs=max_graphs)
         mesh = ParallelMesh.build(config) if dist.is_initialized() else None  # None: one process, no group
         self.pipe = parallelize(pipe, config, mesh, compile=compile, cuda_graphs=cuda_graphs, **extra)
@@ -80,6 +87,7 @@ class DiffusionWorker(DistributedWorker):
         guidance: float | None = None,
         preview: bool = False,
         describe: bool = False,
+        loras: dict[str, float] | None = None,
         **pipeline_kwargs: Any,
     ) -> dict[str, Any] | None:
         """Generate `num_images` images per prompt; returns ``{"images": [PIL...], "seed", "seconds"}``
@@ -88,6 +96,7 @@ class DiffusionWorker(DistributedWorker):
         caller gives up stops after the current step on every rank (`RequestCancelled`); under
         PipeFusion, whose first step runs the whole pipelined trajectory, after that. Other keyword
         arguments go to the pipeline call as they are (e.g. ``true_cfg_scale`` for FLUX,
+        ``loras={"name": scale}``: LoRAs of setup's `lora_dir` on for this request,
         ``num_frames`` for Wan). A video model returns ``{"videos": [[PIL frame, ...], ...]}``.
 
         ``describe=True`` generates nothing and returns what requests are checked against
@@ -95,6 +104,7 @@ class DiffusionWorker(DistributedWorker):
         if describe:
             return self.info
         started = time.perf_counter()
+        self._use_loras(loras or {})
         call = dict(
             prompt=prompt,
             num_inference_steps=steps,
@@ -115,6 +125,15 @@ class DiffusionWorker(DistributedWorker):
         if self.rank != 0:
             return None
         return {**_outputs(out), "seed": seed, "seconds": time.perf_counter() - started}
+
+    def _use_loras(self, requested: dict[str, float]) -> None:
+        """Turn on setup's LoRAs plus the requested ones of `lora_dir` (same on every rank)."""
+        if (error := lora.unknown_names(requested, self.info["lora_names"])) is not None:
+            raise ValueError(error)
+        wanted = {**self._fixed_loras, **requested}
+        if wanted != self._active_loras:
+            lora.activate(self.pipe, wanted)
+            self._active_loras = wanted
 
     def _after_step(self, steps: int, streaming: bool, preview: bool, height: int | None,
                     width: int | None) -> Any:

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ditmesh.parallel.lora import unknown_names
+
 MAX_PROMPT_CHARS = 2000
 MAX_SIDE = 4096
 MAX_STEPS = 200
@@ -36,6 +38,9 @@ class GenerationRequest(BaseModel):
     output_format: Literal["png", "jpeg"] = Field("png", description="encoding of the returned images")
     stream: bool = Field(False, description="server-sent events (as with Accept: text/event-stream)")
     preview: bool = Field(False, description="with streaming: a small preview image in every step event")
+    loras: dict[str, float] | None = Field(None, max_length=16,
+                                           description="LoRAs of the server's --lora-dir to turn on, by name, with "
+                                                       "their scales (GET /healthz lists them as lora_names)")
 
     def payload(self, seed: int, streaming: bool) -> dict[str, Any]:
         """The keyword arguments of `DiffusionWorker.__call__` for this request."""
@@ -44,6 +49,8 @@ class GenerationRequest(BaseModel):
                        guidance=self.guidance, preview=self.preview and streaming)
         if self.true_cfg_scale is not None:
             payload["true_cfg_scale"] = self.true_cfg_scale
+        if self.loras:
+            payload["loras"] = dict(self.loras)
         return payload
 
 
@@ -88,6 +95,8 @@ def model_errors(request: GenerationRequest, info: dict[str, Any]) -> list[dict[
     elif request.true_cfg_scale is not None and request.negative_prompt is None:
         errors.append(field_error("true_cfg_scale", request.true_cfg_scale,
                                   "true_cfg_scale needs a negative_prompt (the unconditional pass); add one"))
+    if (message := unknown_names(request.loras, info.get("lora_names", []))) is not None:
+        errors.append(field_error("loras", request.loras, message))
     return errors
 
 
