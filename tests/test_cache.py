@@ -63,10 +63,10 @@ def _call(name: str, prompt, guided: bool, seed: int) -> dict:
     return {**call, **(GUIDANCE[name] if guided else {})}
 
 
-def _serial(name: str, spec: str, prompt, guided: bool) -> tuple[np.ndarray, list[list[int]]]:
+def _serial(name: str, spec: str, prompt: list[str], guided: bool) -> tuple[np.ndarray, list[list[int]]]:
     """Serial with cache, one call per image (data replicas decide for their own images)."""
     images, computed = [], []
-    for i, text in enumerate([prompt] if isinstance(prompt, str) else prompt):
+    for i, text in enumerate(prompt):
         pipe = _fresh(name)
         pipe = step_cache.apply(pipe, adapter_for(pipe), CacheConfig.parse(spec))
         images.append(pipe(**_call(name, text, guided, 3 + i)).images)
@@ -79,35 +79,37 @@ def _run_cases(cases: list) -> list:
     on rank 0, this rank's computed steps elsewhere."""
     results = []
     for name, text, spec, prompt, guided in cases:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)  # before the call can change the list
         pipe = parallelize(_fresh(name), ParallelConfig.parse(text), cache=spec)
         out = pipe(**_call(name, prompt, guided, 3))
         if dist.get_rank() == 0:
-            images, computed = _serial(name, spec, prompt, guided)
+            images, computed = _serial(name, spec, prompts, guided)
             results.append((float(np.abs(out.images - images).max()), out.computed_steps, computed))
         else:
             results.append((None, pipe.computed_steps, None))
     return results
 
 
-def _check(pools, world_size: int, cases: list) -> None:
-    per_rank = pools(world_size).run(_run_cases, cases, timeout=600)
-    for index, case in enumerate(cases):
-        error, computed, serial = per_rank[0][index]
-        data = ParallelConfig.parse(case[1]).data_degree
-        print(f"{case[0]} {case[1]} {case[2]}: computed {computed} (serial {serial}), max abs error {error:.2e}")
-        assert 0 < len(computed) < STEPS, "the case must both compute and cache steps"
-        assert computed == serial[0]
-        for rank in range(world_size):  # replica r (ranks r * world/data ...) decides for image r
-            assert per_rank[rank][index][1] == serial[rank * data // world_size], f"rank {rank}"
-        assert error <= ATOL
+def _check(pools, world_size: int, case: tuple) -> None:
+    per_rank = pools(world_size).run(_run_cases, [case], timeout=600)
+    error, computed, serial = per_rank[0][0]
+    data = ParallelConfig.parse(case[1]).data_degree
+    print(f"{case[0]} {case[1]} {case[2]}: computed {computed} (serial {serial}), max abs error {error:.2e}")
+    assert 0 < len(computed) < STEPS, "the case must both compute and cache steps"
+    assert computed == serial[0]
+    for rank in range(world_size):  # data replica r (ranks r * world/data ...) decides for image r
+        assert per_rank[rank][0][1] == serial[rank * data // world_size], f"rank {rank}"
+    assert error <= ATOL
 
 
-def test_world2_matches_serial(pools):
-    _check(pools, 2, CASES_2)
+@pytest.mark.parametrize("case", CASES_2, ids=[f"{c[0]}:{c[1]}" for c in CASES_2])
+def test_world2_matches_serial(pools, case):
+    _check(pools, 2, case)
 
 
-def test_world4_matches_serial(pools):
-    _check(pools, 4, CASES_4)
+@pytest.mark.parametrize("case", CASES_4, ids=[f"{c[0]}:{c[1]}" for c in CASES_4])
+def test_world4_matches_serial(pools, case):
+    _check(pools, 4, case)
 
 
 # ---- one rank's shard says "skip", the whole image says "compute" ----------------------------
