@@ -144,7 +144,24 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     train.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
     train.set_defaults(run=_train)
+    for sub in (gen, bench, serve):
+        _add_cache_option(sub)
     return parser
+
+
+def _add_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", default="off", type=_cache_spec,
+                        help="step caching: 'fbcache,threshold=0.1', 'static,warmup=4,every=2', 'static,mask=1101...' "
+                             "(taylor=1 extrapolates the cached residual) or 'off'; see docs/cache.md")
+
+
+def _cache_spec(text: str) -> str:
+    from ditmesh.config import CacheConfig
+
+    try:
+        return str(CacheConfig.parse(text))  # checked before any process starts
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -157,12 +174,15 @@ def _generate(args: argparse.Namespace) -> int:
         payload["true_cfg_scale"] = args.true_cfg_scale
     device_type = None if args.device == "auto" else args.device
     started = time.perf_counter()
-    setup = dict(model=args.model, parallel=str(config), dtype=args.dtype, compile=None if args.compile else False)
+    setup = dict(model=args.model, parallel=str(config), dtype=args.dtype, compile=None if args.compile else False,
+                 cache=args.cache)
     result = asyncio.run(_run(config, device_type, setup, payload))
     paths = _save(result["images"], Path(args.output))
     total = time.perf_counter() - started
     print(f"wrote {', '.join(map(str, paths))} ({result['images'][0].width}x{result['images'][0].height}, "
           f"{config.world_size} process(es), {config}): generation {result['seconds']:.2f} s, total {total:.2f} s")
+    if result.get("computed_steps") is not None:
+        print(f"computed {len(result['computed_steps'])} of {args.steps} steps")
     return 0
 
 
@@ -177,7 +197,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.true_cfg_scale is not None:
         payload["true_cfg_scale"] = args.true_cfg_scale
     setup = dict(model=args.model, dtype=args.dtype, compile=False if args.eager else None,
-                 cuda_graphs=True if args.cuda_graphs else None)
+                 cuda_graphs=True if args.cuda_graphs else None, cache=args.cache)
     rows = bench.run_configs(configs, setup, payload, repeats=args.repeats,
                              warmup=args.warmup, device_type=None if args.device == "auto" else args.device)
     print(f"{args.model}, {args.steps} steps, {args.dtype}; generation time on rank 0, median of {args.repeats}")
@@ -218,7 +238,8 @@ def _serve(args: argparse.Namespace) -> int:
     # The worker by name: only the ranks import diffusers. One thread per rank on CPU (they share the cores).
     runner = DistributedRunner("ditmesh.runner.diffusion:DiffusionWorker", world_size=config.world_size,
                                device_type=device_type, num_threads=args.threads or (1 if on_cpu else None))
-    setup = dict(model=args.model, parallel=str(config), dtype=args.dtype, compile=None if args.compile else False)
+    setup = dict(model=args.model, parallel=str(config), dtype=args.dtype, compile=None if args.compile else False,
+                 cache=args.cache)
     run_server(runner, setup, settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -37,16 +37,17 @@ class DiffusionWorker(DistributedWorker):
     """Serves text-to-image requests with a parallelized diffusers pipeline on every rank."""
 
     def setup(self, model: str = "tiny-flux", parallel: str | ParallelConfig = "ulysses=2", dtype: str = "float32",
-              compile: bool | None = None, cuda_graphs: bool | None = None) -> None:
+              compile: bool | None = None, cuda_graphs: bool | None = None, cache: str | None = None) -> None:
         """Load `model` (a tiny name or a local diffusers folder) in `dtype` on this rank's device
         and parallelize it with `parallel` (a `ParallelConfig` or its string form). `compile` and
-        `cuda_graphs` are `parallelize`'s (None: compiled on CUDA, each step one CUDA graph)."""
+        `cuda_graphs` are `parallelize`'s (None: compiled on CUDA, each step one CUDA graph); `cache`
+        its step caching (string form of `CacheConfig`, e.g. "fbcache,threshold=0.1")."""
         config = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig.parse(parallel)
         config.check_world_size(self.world_size)
         pipe = load_pipeline(model, dtype=dtype, device=self.device)
         self.default_size = TINY_SIZE if model in TINY_PIPELINES else None  # None: the pipeline's own default
         self.info = _model_info(pipe, model, config, dtype, self.default_size)
-        self.pipe = parallelize(pipe, config, compile=compile, cuda_graphs=cuda_graphs)
+        self.pipe = parallelize(pipe, config, compile=compile, cuda_graphs=cuda_graphs, cache=cache)
 
     def __call__(
         self,
@@ -94,7 +95,8 @@ class DiffusionWorker(DistributedWorker):
         out = self.pipe(**call)
         if self.rank != 0:
             return None
-        return {"images": out.images, "seed": seed, "seconds": time.perf_counter() - started}
+        return {"images": out.images, "seed": seed, "seconds": time.perf_counter() - started,
+                "computed_steps": getattr(out, "computed_steps", None)}
 
     def _after_step(self, steps: int, streaming: bool, preview: bool, height: int | None,
                     width: int | None) -> Any:
