@@ -1,5 +1,6 @@
 """python benchmarks/cache.py --out benchmarks/results          # one H200 -> cache_h200.{json,md}
    python benchmarks/cache.py --device cpu --tiny --steps 6 --out /tmp/cache   # CPU: the logic, not speed
+   python benchmarks/cache.py --quality /work/wt/trained/ditmesh/models/tiny.py   # CPU: PSNR per threshold on the trained tiny FLUX
 
 Step caching on one GPU, side by side in one process: per-image denoising time of a FLUX.1-dev-sized
 FluxPipeline (19 + 38 blocks, 24 heads x 128, random bf16 weights from one seed, built from the real
@@ -192,6 +193,51 @@ def markdown(rows: list[dict], env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+QUALITY_PROMPTS = ["a red circle", "a green triangle", "a blue square", "a yellow triangle", "a white circle", "a black square"]
+
+
+def quality(tiny_path: str, steps: int, out: Path) -> None:
+    """PSNR of cached images against the uncached ones on the trained tiny FLUX (issue 27's
+    `pretrained_pipeline`, loaded from `tiny_path`), 128 px, 6 shape prompts, seed 0 each."""
+    import copy
+    import importlib.util
+
+    import numpy as np
+
+    from ditmesh.models import adapter_for
+    from ditmesh.parallel import cache as step_cache
+    from ditmesh.config import CacheConfig
+
+    spec = importlib.util.spec_from_file_location("trained_tiny", tiny_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = module.pretrained_pipeline("tiny-flux")
+
+    def draw(cache: str | None):
+        pipe = copy.deepcopy(base)
+        if cache:
+            pipe = step_cache.apply(pipe, adapter_for(pipe), CacheConfig.parse(cache))
+        images = pipe(QUALITY_PROMPTS, num_inference_steps=steps, height=128, width=128, output_type="np",
+                      generator=[torch.Generator().manual_seed(0) for _ in QUALITY_PROMPTS]).images
+        return images, (pipe.computed_steps if cache else list(range(steps)))
+
+    reference, _ = draw(None)
+    rows = []
+    for cache in ("fbcache,threshold=0.05", "fbcache,threshold=0.1", "fbcache,threshold=0.2", "fbcache,threshold=0.3",
+                  "fbcache,threshold=0.2,taylor=1", f"static,warmup={steps // 4},every=2", f"static,warmup={steps // 4},every=2,taylor=1"):
+        images, computed = draw(cache)
+        psnr = [float(10 * np.log10(1.0 / max(np.mean((a - b) ** 2), 1e-12))) for a, b in zip(images, reference)]
+        rows.append(dict(cache=cache, computed=len(computed), steps=steps, psnr_mean=float(np.mean(psnr)), psnr_min=float(min(psnr))))
+        print(json.dumps(rows[-1]), flush=True)
+    lines = [f"# Step caching quality: trained tiny FLUX, 128 px, {steps} steps, 6 shape prompts, PSNR vs uncached", "",
+             "| cache | computed | PSNR mean dB | PSNR min dB |", "|---|---|---|---|"]
+    lines += [f"| {r['cache']} | {r['computed']} of {steps} | {r['psnr_mean']:.1f} | {r['psnr_min']:.1f} |" for r in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cache_quality_cpu.json").write_text(json.dumps(rows, indent=1))
+    (out / "cache_quality_cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--device", default="cuda")
@@ -203,7 +249,11 @@ def main() -> None:
     parser.add_argument("--rows", default="ditmesh,ditmesh-static,ditmesh-read,diffusers,cache-dit,diffusers-compiled")
     parser.add_argument("--budget-s", type=float, default=170.0, help="rows not started by then are skipped")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--quality", default=None, help="path of the tiny.py that has pretrained_pipeline: PSNR per threshold instead")
     args = parser.parse_args()
+    if args.quality:
+        torch.set_num_threads(1)
+        return quality(args.quality, 12 if args.steps == 28 else args.steps, Path(args.out))
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     spec = tiny_spec() if args.tiny else dict(FLUX_DEV_CONFIG)
