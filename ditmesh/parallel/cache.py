@@ -345,7 +345,3 @@ class CachedPipeline(PipelineWrapper):
             out.computed_steps = self._computed
         return out
 
-
-def summary(computed: list[int], num_steps: int) -> str:
-    """The CLI's last line: "computed 11 of 28 steps"."""
-    return f"computed {len(computed)} of {num_steps} steps"
