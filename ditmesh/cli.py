@@ -154,6 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     train.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
     train.set_defaults(run=_train)
+    for sub in (gen, bench, serve):
+        _add_cache_option(sub)
     return parser
 
 
@@ -207,7 +209,22 @@ def _speed_setup(args: argparse.Namespace) -> dict[str, Any]:
     """Setup kwargs of the speed and LoRA options (compile None: compiled on GPUs)."""
     if args.max_graphs < 1:
         raise ValueError(f"--max-graphs must be >= 1 (got {args.max_graphs}); --eager on several GPUs replays none")
-    return dict(compile=False if args.eager else None, loras=args.lora, max_graphs=args.max_graphs)
+    return dict(compile=False if args.eager else None, loras=args.lora, max_graphs=args.max_graphs, cache=args.cache)
+
+
+def _add_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", default="off", type=_cache_spec,
+                        help="step caching: 'fbcache,threshold=0.1', 'static,warmup=4,every=2', 'static,mask=1101...' "
+                             "(taylor=1 extrapolates the cached residual) or 'off'; see docs/cache.md")
+
+
+def _cache_spec(text: str) -> str:
+    from ditmesh.config import CacheConfig
+
+    try:
+        return str(CacheConfig.parse(text))  # checked before any process starts
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -230,6 +247,8 @@ def _generate(args: argparse.Namespace) -> int:
     total = time.perf_counter() - started
     print(f"wrote {', '.join(map(str, paths))} ({result['images'][0].width}x{result['images'][0].height}, "
           f"{config.world_size} process(es), {config}): generation {result['seconds']:.2f} s, total {total:.2f} s")
+    if result.get("computed_steps") is not None:
+        print(f"computed {len(result['computed_steps'])} of {args.steps} steps")
     return 0
 
 

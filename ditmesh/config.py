@@ -161,3 +161,94 @@ def _parse_int(key: str, value: str) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"{key} must be an integer, got {value!r}") from None
+
+
+# ---- step caching ---------------------------------------------------------------------------
+
+CACHE_POLICIES = ("off", "fbcache", "static")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """Step caching: which denoising steps skip all blocks but the first (`parallel/cache.py`).
+
+    A cached step runs the first block, then adds the residual the other blocks produced at the
+    last computed step (``blocks 2..N output - block 1 output``) instead of running them. Every
+    rank of an image takes the same decision, the one a serial run takes on the whole image.
+    String form (CLI ``--cache``): ``"fbcache,threshold=0.1,warmup=1"``, ``"static,warmup=4,every=2"``,
+    ``"static,mask=1111010101"``, ``"off"``; ``taylor=1`` adds first-order extrapolation.
+    """
+
+    policy: str = "off"
+    """off; fbcache: compute a step when the first block's residual changed by more than
+    `threshold` (relative L1, over the whole image) since the last computed step; static: the
+    fixed schedule of `warmup`/`every` or `mask` (reproducible benchmarks, no host read)."""
+    threshold: float = 0.1
+    """fbcache: relative L1 change of the first block's residual above which a step is computed."""
+    warmup: int = 1
+    """The first `warmup` steps are always computed."""
+    every: int = 2
+    """static: after warm-up, compute every `every`-th step (the others are cached)."""
+    mask: str = ""
+    """static: explicit per-step schedule, "1" compute / "0" cache (steps past its end compute); overrides warmup/every."""
+    taylor: int = 0
+    """1: a cached step extrapolates the residual linearly from the last two computed steps
+    (TaylorSeer, first order) instead of reusing the last one as it is."""
+    max_cached: int = 0
+    """fbcache: at most this many cached steps in a row (0: no limit)."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in CACHE_POLICIES:
+            raise ValueError(f"cache policy {self.policy!r} is unknown; use one of {', '.join(CACHE_POLICIES)}")
+        if not isinstance(self.threshold, (int, float)) or self.threshold < 0:
+            raise ValueError(f"cache threshold must be a number >= 0, got {self.threshold!r}")
+        for name in ("warmup", "max_cached"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"cache {name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"cache every must be an integer >= 1 (1 = compute every step), got {self.every!r}")
+        if set(self.mask) - {"0", "1"}:
+            raise ValueError(f"cache mask must be a string of 0 (cache) and 1 (compute), one per step, got {self.mask!r}")
+        if self.taylor not in (0, 1):
+            raise ValueError(f"cache taylor must be 0 (reuse the residual) or 1 (extrapolate it), got {self.taylor!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "off"
+
+    def scheduled(self, step: int) -> bool:
+        """static: whether the fixed schedule computes `step` (0-based)."""
+        if self.mask:
+            return step >= len(self.mask) or self.mask[step] == "1"
+        return step < self.warmup or (step - self.warmup + 1) % self.every == 0
+
+    @classmethod
+    def parse(cls, text: str | None) -> CacheConfig:
+        """Parse the CLI form: a policy, then comma-separated ``key=value`` settings."""
+        text = (text or "").strip()
+        if text in ("", "off"):
+            return cls()
+        policy, *items = (part.strip() for part in text.split(","))
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs: dict[str, object] = {}
+        for item in items:
+            key, sep, value = (part.strip() for part in item.partition("="))
+            if not sep or key not in kinds or key == "policy":
+                valid = ", ".join(k for k in kinds if k != "policy")
+                raise ValueError(f"{item!r} in cache {text!r} is not key=value with a key of {valid}; e.g. 'fbcache,threshold=0.1'")
+            kwargs[key] = value if kinds[key] == "str" else _parse_number(kinds[key], key, value)
+        return cls(policy=policy, **kwargs)
+
+    def __str__(self) -> str:
+        parts = [self.policy] + [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                                 if f.name != "policy" and getattr(self, f.name) != f.default]
+        return ",".join(parts)
+
+
+def _parse_number(kind: str, key: str, value: str) -> object:
+    if kind == "float":
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"cache {key} must be a number, got {value!r}") from None
+    return _parse_int(key, value)

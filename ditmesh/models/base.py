@@ -50,6 +50,9 @@ class ModelAdapter:
     """Which linears tensor parallelism splits, and how (None: not supported)."""
     stage_plan: StagePlan | None = None
     """How blocks split into PipeFusion stages (None: not supported)."""
+    cache_blocks: tuple[str, ...] = ()
+    """Attributes holding the repeated block lists, in execution order, for step caching: the
+    first block of the first list decides, the rest are skipped on cached steps (empty: no caching)."""
 
 
 def denoisers(pipe: Any, adapter: ModelAdapter) -> dict[str, Any]:

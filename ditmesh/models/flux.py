@@ -135,5 +135,6 @@ ADAPTER = register(
             attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
         ),
         stage_plan=FLUX_STAGE_PLAN,
+        cache_blocks=("transformer_blocks", "single_transformer_blocks"),
     )
 )

@@ -114,5 +114,6 @@ ADAPTER = register(
             attention=("transformer_blocks.*.attn", "transformer_blocks.*.attn2"),
         ),
         stage_plan=SD3_STAGE_PLAN,
+        cache_blocks=("transformer_blocks",),
     )
 )

@@ -7,15 +7,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ditmesh.config import ParallelConfig
+from ditmesh.config import CacheConfig, ParallelConfig
 from ditmesh.models import adapter_for, denoisers
+from ditmesh.parallel import cache as step_cache
 from ditmesh.parallel import cfg, data, fastpath, graphs, sequence, tensor, validate
 from ditmesh.parallel.mesh import ParallelMesh
 from ditmesh.parallel.pipefusion import apply_pipefusion
 
 
 def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = None, *, compile: bool | None = None,
-                autotune: bool = False, cuda_graphs: bool | None = None, max_graphs: int = graphs.MAX_GRAPHS) -> Any:
+                autotune: bool = False, cuda_graphs: bool | None = None, max_graphs: int = graphs.MAX_GRAPHS,
+                cache: CacheConfig | str | None = None) -> Any:
     """Make a diffusers pipeline (or a bare transformer) run under `config` on this rank.
 
     Call it on every rank, after torch.distributed is initialised (`DistributedRunner` does
@@ -35,12 +37,21 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     rank's GPU work at 4 or 8 GPUs (one rank of ulysses=8: 38.1 ms issued block by block, 23.4 ms
     as one graph; benchmarks/results/peers_h200_fake8.md). `max_graphs` bounds the graphs kept
     (one per input shape and LoRA adapter set, least recently used dropped).
+
+    `cache` (a `CacheConfig` or its string form, e.g. "fbcache,threshold=0.1") skips all blocks
+    but the first on steps that change little, with one decision per step for every rank
+    (`cache.py`); each call then reports ``computed_steps``.
     """
+    cache = cache if isinstance(cache, CacheConfig) else CacheConfig.parse(cache)
     if config.world_size == 1 and not dist.is_initialized():
-        # One process: on CUDA the single-GPU fast path; on CPU the pipeline as it is.
+        # One process: on CUDA the single-GPU fast path; on CPU the pipeline as it is. The step
+        # cache graphs its own pieces (first block | the rest | the residual add), not the whole step.
         if _on_cuda(pipe):
-            return fastpath.apply_fastpath(pipe, compile=compile is not False, autotune=autotune,
-                                           cuda_graphs=cuda_graphs is not False, max_graphs=max_graphs)
+            pipe = fastpath.apply_fastpath(pipe, compile=compile is not False, autotune=autotune,
+                                           cuda_graphs=cuda_graphs is not False and not cache.enabled,
+                                           max_graphs=max_graphs)
+        if cache.enabled:
+            pipe = step_cache.apply(pipe, adapter_for(pipe), cache, cuda_graphs=_on_cuda(pipe) and cuda_graphs is not False)
         return pipe
     for name, value in (("compile", compile), ("cuda_graphs", cuda_graphs)):
         if value and (config.tensor_degree > 1 or config.pipefusion_degree > 1):
@@ -49,6 +60,7 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     # 0. validate: every rule that can refuse this config (validate.py), before the mesh's
     #    collectives and any weight change, so all ranks raise the same ValueError and stay usable.
     _validate(pipe, config, mesh)
+    step_cache.check(pipe, config, cache, adapter)
     mesh = mesh or ParallelMesh.build(config)
     # Order matters: inner strategies first, each later step wraps what the earlier ones produced,
     # so any combination of degrees composes (the rank layout of the axes is mesh.py's business):
@@ -86,7 +98,14 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     #    their collectives are captured; cfg and data, which wrap it, stay outside).
     #    Every rank captures and replays the same calls (the strategies make them alike), so the
     #    captured collectives pair up on replay as they did when captured.
-    if ((dist.get_world_size() == 1 or compiled) if cuda_graphs is None else cuda_graphs) and cuda and whole:
+    graphed = ((dist.get_world_size() == 1 or compiled) if cuda_graphs is None else cuda_graphs) and cuda and whole
+    # 2d. step cache: takes over the calls of the blocks as steps 1-2b left them (sharded, with the
+    #    sequence hooks, compiled) and graphs its three pieces itself instead of 2c's whole step,
+    #    since its host decision sits between the first block and the rest. Before cfg/data
+    #    (steps 4-5), which wrap it: it reduces its statistic over the cfg ranks itself.
+    if cache.enabled:
+        pipe = step_cache.apply(pipe, adapter, cache, mesh, cuda_graphs=graphed)
+    elif graphed:
         pipe = graphs.apply(pipe, adapter, max_graphs)
     # 3. pipefusion: split the blocks into stages; takes over the denoising loop. Inside cfg: each
     #    guidance branch runs its own pipeline of stages, exchanging predictions per patch.

@@ -41,7 +41,8 @@ class DiffusionWorker(DistributedWorker):
 
     def setup(self, model: str = "tiny-flux", parallel: str | ParallelConfig = "ulysses=2", dtype: str = "float32",
               compile: bool | None = None, cuda_graphs: bool | None = None, loras: list | None = None,
-              max_graphs: int | None = None, warmup: bool = False, lora_dir: str | None = None) -> None:
+              max_graphs: int | None = None, warmup: bool = False, lora_dir: str | None = None,
+              cache: str | None = None) -> None:
         """Load `model` (a tiny name or a local diffusers folder) in `dtype` on this rank's device
         and parallelize it with `parallel` (a `ParallelConfig` or its string form). `compile` and
         `cuda_graphs` are `parallelize`'s (None: compiled on CUDA, each step one CUDA graph).
@@ -49,7 +50,8 @@ class DiffusionWorker(DistributedWorker):
         `max_graphs` bounds the CUDA graphs kept; `warmup` runs one 2-step call at the default size
         here, so the compile and capture happen before the first request (seconds in info["warmup_s"]).
         `lora_dir`: a folder of LoRAs loaded by name, inactive; a request turns some on with
-        ``loras={"name": scale}`` (`loras` stay on in every request)."""
+        ``loras={"name": scale}`` (`loras` stay on in every request). `cache`: `parallelize`'s step
+        caching (string form of `CacheConfig`, e.g. "fbcache,threshold=0.1")."""
         config = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig.parse(parallel)
         config.check_world_size(self.world_size)
         pipe = load_pipeline(model, dtype=dtype, device=self.device)
@@ -64,7 +66,7 @@ class DiffusionWorker(DistributedWorker):
         self._active_loras = self._fixed_loras
         extra = {} if max_graphs is None else dict(max_graphs=max_graphs)
         mesh = ParallelMesh.build(config) if dist.is_initialized() else None  # None: one process, no group
-        self.pipe = parallelize(pipe, config, mesh, compile=compile, cuda_graphs=cuda_graphs, **extra)
+        self.pipe = parallelize(pipe, config, mesh, compile=compile, cuda_graphs=cuda_graphs, cache=cache, **extra)
         self._step_group = _step_group(mesh)
         if warmup:
             started = time.perf_counter()
@@ -124,7 +126,8 @@ class DiffusionWorker(DistributedWorker):
         out = self.pipe(**call)
         if self.rank != 0:
             return None
-        return {**_outputs(out), "seed": seed, "seconds": time.perf_counter() - started}
+        return {**_outputs(out), "seed": seed, "seconds": time.perf_counter() - started,
+                "computed_steps": getattr(out, "computed_steps", None)}
 
     def _use_loras(self, requested: dict[str, float]) -> None:
         """Turn on setup's LoRAs plus the requested ones of `lora_dir` (same on every rank)."""
