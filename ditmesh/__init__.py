@@ -25,6 +25,7 @@ _LAZY = {
     "RunnerBroken": "ditmesh.runner.protocol",
     "RequestCancelled": "ditmesh.runner.protocol",
     "DiffusionWorker": "ditmesh.runner.diffusion",
+    "XFuserWorker": "ditmesh.runner.xfuser",
     "load_pipeline": "ditmesh.models.loading",
     "tiny_pipeline": "ditmesh.models.tiny",
     "TrainConfig": "ditmesh.training.config",
