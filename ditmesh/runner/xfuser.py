@@ -199,6 +199,9 @@ class XFuserWorker(DistributedWorker):
             return self.info
         started = time.perf_counter()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or num_images < 1:
+            raise ValueError(f"a request for no image ({len(prompts)} prompt(s), num_images={num_images}); "
+                             "send at least one prompt and num_images >= 1")
         size = self.info["default_size"] if self.info["model"] in _TINY_CLASSES else None  # tiny: DiffusionWorker's size
         call = dict(num_inference_steps=steps, height=height or size, width=width or size, output_type="pil",
                     **pipeline_kwargs)
@@ -231,23 +234,23 @@ class XFuserWorker(DistributedWorker):
 
     def _gather(self, images: list[Any] | None, error: Exception | None, started: float, seed: int) -> dict[str, Any] | None:
         """Bring every replica's images to rank 0 (one gather all ranks join, whatever they hold),
-        in item order; re-raise the first error a rank met."""
-        mine = (self.replica, images, _portable(error))
+        in item order; re-raise an error a rank met (rank 0's own first, with its traceback)."""
+        mine = (self.replica, images, _portable(error), _traceback(error))
         gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
         if self.world_size > 1:
             dist.gather_object(mine, gathered, dst=0, group=self._gather_group)
         else:
             gathered = [mine]
-        if error is not None and self.rank != 0:
+        if error is not None:
             raise error
         if self.rank != 0:
             return None
         assert gathered is not None
-        for _, _, remote_error in gathered:
+        for rank, (_, _, remote_error, remote_traceback) in enumerate(gathered):
             if remote_error is not None:
-                raise remote_error
+                raise remote_error from RuntimeError(f"raised on rank {rank}:\n{remote_traceback}")
         by_replica: dict[int, list[Any]] = {}
-        for replica, replica_images, _ in gathered:
+        for replica, replica_images, _, _ in gathered:
             if replica_images is not None:
                 by_replica.setdefault(replica, replica_images)  # tensor ranks all return the same images
         missing = [r for r in range(len(self.replicas)) if r not in by_replica]
@@ -318,6 +321,12 @@ def _portable(error: Exception | None) -> Exception | None:
         return error
     except Exception:
         return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _traceback(error: Exception | None) -> str | None:
+    import traceback
+
+    return None if error is None else "".join(traceback.format_exception(type(error), error, error.__traceback__))
 
 
 def _init_xdit(rank: int, world_size: int, device: torch.device) -> None:
