@@ -26,6 +26,7 @@ _LAZY = {
     "RanksStuck": "ditmesh.runner.protocol",
     "RequestCancelled": "ditmesh.runner.protocol",
     "DiffusionWorker": "ditmesh.runner.diffusion",
+    "XFuserWorker": "ditmesh.runner.xfuser",
     "load_pipeline": "ditmesh.models.loading",
     "tiny_pipeline": "ditmesh.models.tiny",
     "TrainConfig": "ditmesh.training.config",

@@ -26,14 +26,15 @@ from ditmesh.runner.runner import DistributedRunner
 
 
 def run_configs(configs: list[ParallelConfig], setup: dict[str, Any], payload: dict[str, Any], *, repeats: int = 3,
-                warmup: int = 1, device_type: str | None = None) -> list[dict[str, Any]]:
-    """Time `payload` (a `DiffusionWorker` request) under each config; one row per config."""
+                warmup: int = 1, device_type: str | None = None, worker: Any = DiffusionWorker) -> list[dict[str, Any]]:
+    """Time `payload` (a `DiffusionWorker` request) under each config; one row per config. `worker`:
+    the worker class (or "module:Class") that serves the request, e.g. `XFuserWorker`."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     rows: list[dict[str, Any]] = []
     baseline: dict[str, Any] | None = None
     for config in configs:
-        row, first_image = asyncio.run(_time_config(config, setup, payload, repeats, warmup, device_type))
+        row, first_image = asyncio.run(_time_config(config, setup, payload, repeats, warmup, device_type, worker))
         if first_image is not None:
             if baseline is None:
                 baseline = dict(row, image=first_image)
@@ -44,9 +45,9 @@ def run_configs(configs: list[ParallelConfig], setup: dict[str, Any], payload: d
     return rows
 
 
-async def _time_config(config, setup, payload, repeats, warmup, device_type) -> tuple[dict[str, Any], Any]:
+async def _time_config(config, setup, payload, repeats, warmup, device_type, worker) -> tuple[dict[str, Any], Any]:
     row: dict[str, Any] = dict(config=str(config), processes=config.world_size)
-    runner = DistributedRunner(DiffusionWorker, world_size=config.world_size, device_type=device_type,
+    runner = DistributedRunner(worker, world_size=config.world_size, device_type=device_type,
                                setup_kwargs=dict(setup, parallel=str(config)))
     try:
         async with runner:

@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                           "-o out.mp4 (needs ditmesh[video]), .gif or .webp")
     gen.add_argument("--fps", type=int, default=16, help="video models: frames per second of the written file")
     gen.set_defaults(run=_generate)
+    _add_engine(gen)
 
     bench = commands.add_parser("bench", help="time one generation under several parallel configs, side by side",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -99,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
                             "(default: on one GPU, and on several when compiled)")
     bench.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
     bench.set_defaults(run=_bench)
+    _add_engine(bench, several=True)
 
     serve = commands.add_parser("serve", help="serve image generation over HTTP (JSON and server-sent events)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -123,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: 1 on CPU)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(run=_serve)
+    _add_engine(serve)
 
     train = commands.add_parser("train", help="train a LoRA (or the whole transformer) on a folder of images with captions")
     train.add_argument("--model", default="tiny-flux", help=MODEL_HELP)
@@ -212,6 +215,20 @@ def _speed_setup(args: argparse.Namespace) -> dict[str, Any]:
     return dict(compile=False if args.eager else None, loras=args.lora, max_graphs=args.max_graphs, cache=args.cache)
 
 
+def _engine_setup(engine: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
+    """`setup` for `engine`'s worker: xDiT's pipelines take `compile` and `cuda_graphs` of the speed
+    options; ditmesh's own ones (LoRAs, step caching) are refused for it rather than dropped."""
+    if engine != "xfuser":
+        return setup
+    ours = [flag for flag, used in (("--lora", args.lora), ("--cache", args.cache != "off"),
+                                    ("--lora-dir", getattr(args, "lora_dir", None))) if used]
+    if ours:
+        raise ValueError(f"{', '.join(ours)} are ditmesh's; --engine xfuser runs xDiT's pipelines without them: "
+                         "drop them or use --engine ditmesh")
+    return {key: value for key, value in setup.items()
+            if key not in ("loras", "max_graphs", "cache", "warmup", "lora_dir")}
+
+
 def _add_cache_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default="off", type=_cache_spec,
                         help="step caching: 'fbcache,threshold=0.1', 'static,warmup=4,every=2', 'static,mask=1101...' "
@@ -230,6 +247,7 @@ def _cache_spec(text: str) -> str:
 def _generate(args: argparse.Namespace) -> int:
     config = ParallelConfig.parse(args.parallel)
     _check_model(args.model)
+    worker = _engine_worker(args.engine, config, args.model)
     _quiet_libraries()
     payload = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, height=args.height,
                    width=args.width, seed=args.seed, num_images=args.num_images, guidance=args.guidance)
@@ -240,7 +258,7 @@ def _generate(args: argparse.Namespace) -> int:
     device_type = None if args.device == "auto" else args.device
     started = time.perf_counter()
     setup = dict(model=args.model, parallel=str(config), dtype=args.dtype, **_speed_setup(args))
-    result = asyncio.run(_run(config, device_type, setup, payload))
+    result = asyncio.run(_run(config, device_type, _engine_setup(args.engine, args, setup), payload, worker))
     if "videos" in result:
         return _write_videos(result, args, config, started)
     paths = _save(result["images"], Path(args.output))
@@ -257,14 +275,17 @@ def _bench(args: argparse.Namespace) -> int:
 
     configs = [ParallelConfig.parse(spec) for spec in args.parallel]  # all parsed before any process starts
     _check_model(args.model)
+    engines = {engine: _engine_worker(engine, config, args.model) for engine in args.engine.split(",") for config in configs}
     _quiet_libraries()
     payload = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, height=args.height,
                    width=args.width, seed=args.seed)
     if args.true_cfg_scale is not None:
         payload["true_cfg_scale"] = args.true_cfg_scale
     setup = dict(model=args.model, dtype=args.dtype, cuda_graphs=True if args.cuda_graphs else None, **_speed_setup(args))
-    rows = bench.run_configs(configs, setup, payload, repeats=args.repeats,
-                             warmup=args.warmup, device_type=None if args.device == "auto" else args.device)
+    rows = [dict(row, config=f"{engine} {row['config']}" if len(engines) > 1 else row["config"])
+            for engine, worker in engines.items()
+            for row in bench.run_configs(configs, _engine_setup(engine, args, setup), payload, repeats=args.repeats, worker=worker,
+                                         warmup=args.warmup, device_type=None if args.device == "auto" else args.device)]
     print(f"{args.model}, {args.steps} steps, {args.dtype}; generation time on rank 0, median of {args.repeats}")
     print(bench.table(rows))
     if args.json:
@@ -290,6 +311,7 @@ def _train(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     config = ParallelConfig.parse(args.parallel)
     _check_model(args.model)
+    worker = _engine_worker(args.engine, config, args.model)
     _quiet_libraries()
     import torch
 
@@ -301,21 +323,22 @@ def _serve(args: argparse.Namespace) -> int:
     device_type = None if args.device == "auto" else args.device
     on_cpu = device_type == "cpu" or (device_type is None and not torch.cuda.is_available())
     # The worker by name: only the ranks import diffusers. One thread per rank on CPU (they share the cores).
-    runner = DistributedRunner("ditmesh.runner.diffusion:DiffusionWorker", world_size=config.world_size,
+    runner = DistributedRunner(worker, world_size=config.world_size,
                                device_type=device_type, num_threads=args.threads or (1 if on_cpu else None))
     # Compiled on GPUs: every rank compiles and captures one call before the server says ready.
     setup = dict(model=args.model, parallel=str(config), dtype=args.dtype, **_speed_setup(args),
                  warmup=not args.eager and not on_cpu, lora_dir=_lora_dir(args.lora_dir))
-    run_server(runner, setup, settings, host=args.host, port=args.port, log_level=args.log_level)
+    run_server(runner, _engine_setup(args.engine, args, setup), settings, host=args.host, port=args.port,
+               log_level=args.log_level)
     return 0
 
 
-async def _run(config: ParallelConfig, device_type: str | None, setup: dict[str, Any], payload: dict[str, Any]) -> Any:
-    from ditmesh.runner.diffusion import DiffusionWorker
+async def _run(config: ParallelConfig, device_type: str | None, setup: dict[str, Any], payload: dict[str, Any],
+               worker: str = "ditmesh.runner.diffusion:DiffusionWorker") -> Any:
     from ditmesh.runner.protocol import RemoteError
     from ditmesh.runner.runner import DistributedRunner
 
-    runner = DistributedRunner(DiffusionWorker, world_size=config.world_size, device_type=device_type, setup_kwargs=setup)
+    runner = DistributedRunner(worker, world_size=config.world_size, device_type=device_type, setup_kwargs=setup)
     try:
         async with runner:  # starts the ranks: DiffusionWorker.setup(**setup) on each
             result = None
@@ -330,6 +353,32 @@ async def _run(config: ParallelConfig, device_type: str | None, setup: dict[str,
         if error.exc_type.endswith("ValueError"):
             raise ValueError(error.message) from None  # a user error on the ranks: show just its message
         raise
+
+
+ENGINES = {"ditmesh": "ditmesh.runner.diffusion:DiffusionWorker", "xfuser": "ditmesh.runner.xfuser:XFuserWorker"}
+
+
+def _add_engine(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    parser.add_argument("--engine", default="ditmesh",
+                        help="ditmesh (ours) or xfuser (xDiT's pipelines: pip install 'ditmesh[xfuser]', CUDA GPUs)"
+                             + ("; several, comma-separated, time side by side: ditmesh,xfuser" if several else ""))
+
+
+def _engine_worker(engine: str, config: ParallelConfig, model: str) -> str:
+    """The worker class (by name) that runs `engine`; what the engine cannot run is refused here,
+    before any process starts."""
+    if engine not in ENGINES:
+        raise ValueError(f"--engine {engine!r} is unknown; use one of {', '.join(ENGINES)}")
+    if engine == "xfuser":
+        import importlib.util
+
+        from ditmesh.runner.xfuser import XFUSER_VERSION, check_xfuser
+
+        check_xfuser(config, model)
+        if importlib.util.find_spec("xfuser") is None:
+            raise ValueError(f"--engine xfuser needs xfuser {XFUSER_VERSION}: pip install 'ditmesh[xfuser]' "
+                             "(it runs on CUDA GPUs only)")
+    return ENGINES[engine]
 
 
 def _quiet_libraries() -> None:

@@ -365,6 +365,80 @@ def test_every_strategy_on_nccl_matches_serial(tmp_path):
     assert all(error < NCCL_TOL for error in errors.values()), errors
 
 
+# ---- xDiT (xfuser) hosted by XFuserWorker == xfuser run on its own (world 1) ---------------------
+# Each run is its own process (xfuser keeps its groups in module globals): `ditmesh generate
+# --engine xfuser` spawns its rank, xfuser alone runs in a fresh interpreter. Needs xfuser 0.7.0.
+
+XFUSER_PIPELINES = {"tiny-flux": "xFuserFluxPipeline", "tiny-sd3": "xFuserStableDiffusion3Pipeline"}
+XFUSER_ALONE = """
+import os, sys, torch
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[4])
+import xfuser
+from xfuser import xFuserArgs
+folder, pipeline, path = sys.argv[1:4]
+engine_config, _ = xFuserArgs(model=folder).create_config()  # initialises torch.distributed itself
+pipe = getattr(xfuser, pipeline).from_pretrained(folder, engine_config=engine_config, torch_dtype=torch.float32)
+pipe = pipe.to("cuda")
+out = pipe(prompt=sys.argv[5], num_inference_steps=3, height=128, width=128, output_type="pil",
+           generator=[torch.Generator().manual_seed(0)])
+out.images[0].save(path)
+"""
+
+
+def _xfuser_or_skip():
+    import importlib.util
+
+    if importlib.util.find_spec("xfuser") is None:
+        pytest.skip("needs xfuser 0.7.0 (pip install 'ditmesh[xfuser]')")
+    if DEVICE != "cuda":
+        pytest.skip("xfuser refuses to import without an accelerator")
+
+
+def _run(args: list[str], timeout: float = 240.0) -> str:
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", NCCL_NVLS_ENABLE="0")
+    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{args[:3]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done.stdout
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", ["tiny-flux", "tiny-sd3"])
+def test_xfuser_engine_writes_the_image_xfuser_alone_writes(tmp_path, family):
+    import numpy as np
+    from PIL import Image
+
+    from ditmesh.testing import free_port
+
+    _xfuser_or_skip()
+    folder = tmp_path / family
+    tiny_pipeline(family).save_pretrained(folder)  # a random-weight folder in diffusers layout
+    common = ["--model", str(folder), "--parallel", "serial", "--steps", "3", "--height", "128", "--width", "128",
+              "--seed", "0", "--prompt", PROMPT]
+    for engine in ("xfuser", "ditmesh"):
+        _run(["-m", "ditmesh.cli", "generate", "--engine", engine, *common, "-o", str(tmp_path / f"{engine}.png")])
+    _run(["-c", XFUSER_ALONE, str(folder), XFUSER_PIPELINES[family], str(tmp_path / "alone.png"), str(free_port()), PROMPT])
+    image = {name: np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16) for name in ("xfuser", "ditmesh", "alone")}
+    hosted_vs_alone = int(np.abs(image["xfuser"] - image["alone"]).max())
+    engines = int(np.abs(image["xfuser"] - image["ditmesh"]).max())
+    print(f"\nXFUSER-ROW {family}: max pixel diff, --engine xfuser vs xfuser alone: {hosted_vs_alone}; "
+          f"vs --engine ditmesh: {engines}")
+    assert hosted_vs_alone == 0
+
+
+@pytest.mark.timeout(600)
+def test_bench_puts_both_engines_side_by_side(tmp_path):
+    _xfuser_or_skip()
+    folder = tmp_path / "tiny-flux"
+    tiny_pipeline("tiny-flux").save_pretrained(folder)
+    out = _run(["-m", "ditmesh.cli", "bench", "--engine", "ditmesh,xfuser", "--model", str(folder), "--parallel", "serial",
+                "--steps", "3", "--height", "128", "--width", "128", "--repeats", "2", "--warmup", "1", "--eager"])
+    print("\n" + out)
+    assert "| ditmesh serial |" in out and "| xfuser serial |" in out
+
+
 if __name__ == "__main__":  # a torchrun rank of test_every_strategy_on_nccl_matches_serial
     import sys
 
