@@ -55,6 +55,11 @@ class DistributedWorker:
     _streaming: bool = False
     _gloo_group: Any = None
 
+    bind_device_at_init: bool = True
+    """On CUDA, pass ``device_id`` to `init_process_group`, so NCCL binds this rank's GPU at once.
+    A worker whose library makes its own NCCL groups with `new_group` and breaks on a bound
+    default group (xDiT) sets it False; its device is still selected first."""
+
     def setup(self, **kwargs: Any) -> None:
         """Called once per rank with `DistributedRunner.start`'s keyword arguments."""
 
@@ -293,8 +298,8 @@ def _exit_with_parent() -> None:
 def _set_up(rank: int, spec: WorkerSpec, channel: _Channel) -> DistributedWorker | None:
     """Initialise torch.distributed, build the worker, run its setup; report ready or the error."""
     try:
-        device = _init_distributed(rank, spec)
         worker_cls = _import_worker_class(spec.worker_module, spec.worker_qualname)
+        device = _init_distributed(rank, spec, bind_device=worker_cls.bind_device_at_init)
         worker = worker_cls()
         worker._rank, worker._world_size, worker._device, worker._channel = rank, spec.world_size, device, channel
         worker.setup(**protocol.decode([spec.setup_kwargs]))
@@ -305,7 +310,7 @@ def _set_up(rank: int, spec: WorkerSpec, channel: _Channel) -> DistributedWorker
     return worker
 
 
-def _init_distributed(rank: int, spec: WorkerSpec) -> Any:
+def _init_distributed(rank: int, spec: WorkerSpec, bind_device: bool = True) -> Any:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(spec.world_size),
                       LOCAL_WORLD_SIZE=str(spec.world_size), MASTER_ADDR=spec.store_addr,
                       MASTER_PORT=str(spec.store_port))
@@ -323,7 +328,7 @@ def _init_distributed(rank: int, spec: WorkerSpec) -> Any:
     if spec.pg_timeout is not None:
         group["timeout"] = datetime.timedelta(seconds=spec.pg_timeout)
     if spec.device_type == "cuda":  # device_id: NCCL binds this rank's GPU now, not at the first collective
-        dist.init_process_group("nccl", device_id=device, **group)
+        dist.init_process_group("nccl", **(dict(device_id=device) if bind_device else {}), **group)
     else:
         if os.path.exists("/sys/class/net/lo"):  # one host: keep gloo's traffic on loopback
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

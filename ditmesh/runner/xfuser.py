@@ -126,6 +126,9 @@ class XFuserWorker(DistributedWorker):
     the images. Requests, results and events are `DiffusionWorker`'s."""
 
     _xdit_started = False  # set once xDiT's groups exist on this rank: teardown destroys them
+    # xDiT's new_group() calls (PipeFusion, Ulysses) fail with NCCL error 1 on a default group
+    # made with device_id (its own init passes none); torch.cuda.set_device still runs first.
+    bind_device_at_init = False
 
     def setup(self, model: str = "tiny-flux", parallel: str | ParallelConfig = "serial", dtype: str = "float32",
               compile: bool | None = None, cuda_graphs: bool | None = None, gather_timeout: float = 900.0,
