@@ -41,6 +41,12 @@ class ModelAdapter:
     """Which linears tensor parallelism splits, and how (None: not supported)."""
     stage_plan: StagePlan | None = None
     """How blocks split into PipeFusion stages (None: not supported)."""
+    vae_attr: str | None = None
+    """Attribute of the pipeline holding its VAE, decoded (and encoded) split by rows over the
+    ranks that share an image (parallel/vae.py; None: every rank decodes whole)."""
+    text_encoder_attrs: tuple[str, ...] = ()
+    """Attributes of the pipeline holding its text encoders: `encode_prompt` runs on one rank per
+    image and is broadcast, the other ranks drop these (parallel/text.py; (): every rank encodes)."""
 
 
 def register(adapter: ModelAdapter) -> ModelAdapter:

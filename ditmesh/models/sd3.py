@@ -114,5 +114,7 @@ ADAPTER = register(
             attention=("transformer_blocks.*.attn", "transformer_blocks.*.attn2"),
         ),
         stage_plan=SD3_STAGE_PLAN,
+        vae_attr="vae",
+        text_encoder_attrs=("text_encoder", "text_encoder_2", "text_encoder_3"),  # CLIP-L, CLIP-G, T5-XXL
     )
 )
