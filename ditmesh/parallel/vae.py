@@ -84,7 +84,7 @@ def install(vae: nn.Module, group: dist.ProcessGroup, min_latent_pixels: int = M
     shared `RowSplit` (None, with a warning, when the VAE holds a module this file cannot split:
     it then stays serial). Installing again on the same VAE only changes the group and threshold.
     """
-    split = getattr(vae, "_ditmesh_row_split", None)
+    split = row_split(vae)
     if split is not None:
         split.set_group(group)
         split.min_latent_pixels = min_latent_pixels
@@ -95,18 +95,22 @@ def install(vae: nn.Module, group: dist.ProcessGroup, min_latent_pixels: int = M
         warnings.warn(f"the VAE stays serial: {'; '.join(problems) or 'no encoder or decoder'}", stacklevel=2)
         return None
     split = RowSplit(group, min_latent_pixels)
-    for part in parts:
+    encoder, decoder = parts
+    if encoder is not None:  # image rows per latent row: the bands' unit when encoding
+        split.unit = 2 ** sum(type(module).__name__ == "Downsample2D" for module in encoder.modules())
+    for part, cut in ((encoder, split.split_image), (decoder, split.split_latent)):
         if part is not None:
             _wrap(part, split)
-    split.unit = 2 ** sum(type(m).__name__ == "Downsample2D" for m in vae.encoder.modules()) if parts[0] else 1
-    if parts[1] is not None:
-        parts[1].register_forward_pre_hook(split.split_latent, with_kwargs=True)
-        parts[1].register_forward_hook(split.gather_rows, always_call=True)
-    if parts[0] is not None:
-        parts[0].register_forward_pre_hook(split.split_image, with_kwargs=True)
-        parts[0].register_forward_hook(split.gather_rows, always_call=True)
+            part.register_forward_pre_hook(cut, with_kwargs=True)
+            part.register_forward_hook(split.gather_rows, always_call=True)
     vae._ditmesh_row_split = split
     return split
+
+
+def row_split(vae: nn.Module) -> RowSplit | None:
+    """The split `install` gave `vae` (None if none): set its `min_latent_pixels` to change
+    which latents split (0: all that have a row per rank)."""
+    return getattr(vae, "_ditmesh_row_split", None)
 
 
 class RowSplit:
