@@ -53,6 +53,12 @@ class ModelAdapter:
     cache_blocks: tuple[str, ...] = ()
     """Attributes holding the repeated block lists, in execution order, for step caching: the
     first block of the first list decides, the rest are skipped on cached steps (empty: no caching)."""
+    vae_attr: str | None = None
+    """Attribute of the pipeline holding its VAE, decoded (and encoded) split by rows over the
+    ranks that share an image (parallel/vae.py; None: every rank decodes whole)."""
+    text_encoder_attrs: tuple[str, ...] = ()
+    """Attributes of the pipeline holding its text encoders: `encode_prompt` runs on one rank per
+    image and is broadcast, the other ranks drop these (parallel/text.py; (): every rank encodes)."""
 
 
 def denoisers(pipe: Any, adapter: ModelAdapter) -> dict[str, Any]:

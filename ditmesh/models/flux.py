@@ -17,6 +17,14 @@ FLUX_DEV_CONFIG = dict(
     axes_dims_rope=(16, 56, 56),
 )
 
+# AutoencoderKL config of FLUX.1's VAE (real sizes: benchmarks/vae.py builds it with random weights).
+FLUX_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
+    sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+    force_upcast=True,
+)
+
 
 # ---- PipeFusion stages: the model's own embedders and head on one patch of rows -----------
 # Packed latents (B, rows*cols, 64), row-major tokens, img_ids[:, 1] = row, img_ids[:, 2] = col.
@@ -136,5 +144,7 @@ ADAPTER = register(
         ),
         stage_plan=FLUX_STAGE_PLAN,
         cache_blocks=("transformer_blocks", "single_transformer_blocks"),
+        vae_attr="vae",
+        text_encoder_attrs=("text_encoder", "text_encoder_2"),  # CLIP-L, T5-XXL
     )
 )

@@ -115,5 +115,7 @@ ADAPTER = register(
         ),
         stage_plan=SD3_STAGE_PLAN,
         cache_blocks=("transformer_blocks",),
+        vae_attr="vae",
+        text_encoder_attrs=("text_encoder", "text_encoder_2", "text_encoder_3"),  # CLIP-L, CLIP-G, T5-XXL
     )
 )

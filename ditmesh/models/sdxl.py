@@ -10,5 +10,7 @@ ADAPTER = register(
         denoiser_attr="unet",
         size_multiple=8,
         cfg_mode="batched",
+        vae_attr="vae",
+        text_encoder_attrs=("text_encoder", "text_encoder_2"),  # CLIP-L, CLIP-G
     )
 )

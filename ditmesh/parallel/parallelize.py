@@ -10,7 +10,7 @@ import torch.distributed as dist
 from ditmesh.config import CacheConfig, ParallelConfig
 from ditmesh.models import adapter_for, denoisers
 from ditmesh.parallel import cache as step_cache
-from ditmesh.parallel import cfg, data, fastpath, graphs, sequence, tensor, validate
+from ditmesh.parallel import cfg, data, fastpath, graphs, sequence, tensor, text, validate, vae
 from ditmesh.parallel.mesh import ParallelMesh
 from ditmesh.parallel.pipefusion import apply_pipefusion
 
@@ -62,6 +62,13 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     _validate(pipe, config, mesh)
     step_cache.check(pipe, config, cache, adapter)
     mesh = mesh or ParallelMesh.build(config)
+    # 0b. text encoders and VAE on the ranks that share an image (every axis but data): the prompt
+    #    is encoded on one of them and broadcast, the VAE splits each image's rows over them. They
+    #    touch only `encode_prompt` and the VAE, which no later step wraps, so they go first, on the
+    #    bare pipeline (every rank here: making the group is collective).
+    if hasattr(pipe, adapter.denoiser_attr):
+        vae.apply(pipe, mesh, adapter)
+        text.apply(pipe, mesh, adapter)
     # Order matters: inner strategies first, each later step wraps what the earlier ones produced,
     # so any combination of degrees composes (the rank layout of the axes is mesh.py's business):
     # 1. tensor: shard the denoiser's weights in place (innermost: `parallelize_module` needs the
