@@ -2,7 +2,7 @@
 
     python -m ditmesh.models.pretrain tiny-flux                      # CPU: small steps to try it
     python -m ditmesh.models.pretrain tiny-flux --device cuda \\
-        --vae-steps 3000 --steps 6000 -o ditmesh/models/assets        # what ships (one H200, ~5 min)
+        --vae-steps 3000 --steps 5500 -o ditmesh/models/assets        # what ships (one H200, ~6 min)
 
 Three stages, each a fixed function of the seed (docs/default_model.md has the loss curve):
 
