@@ -28,9 +28,10 @@ from typing import Any
 
 from ditmesh.config import ParallelConfig
 
-TINY_MODELS = ("tiny-flux", "tiny-sd3", "tiny-sdxl", "tiny-wan")
+TINY_MODELS = ("tiny-flux", "tiny-sd3", "tiny-sdxl", "tiny-wan", "tiny-flux-random")
 DTYPES = ("float32", "bfloat16", "float16")
-MODEL_HELP = f"{', '.join(TINY_MODELS)} (tiny random, offline) or a local diffusers folder (model_index.json)"
+MODEL_HELP = (f"{', '.join(TINY_MODELS)} (tiny, offline: tiny-flux trained on drawn shapes, the others random) "
+              "or a local diffusers folder (model_index.json)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,9 +107,9 @@ def _wait_ready(lines: queue.Queue, output: list[str]) -> str:
 def serial(server_process):
     """``serial(seed, height, width, prompt)`` -> the image one process draws with the tiny FLUX:
     the pipeline call `DiffusionWorker` (and so `ditmesh generate`) makes, without parallelism."""
-    from ditmesh.models.tiny import tiny_pipeline
+    from ditmesh.models.loading import load_pipeline
 
-    pipe = tiny_pipeline("tiny-flux")
+    pipe = load_pipeline("tiny-flux")  # the trained default the server loads
 
     def draw(seed: int, height: int = 64, width: int = 64, prompt: str = "a cat", steps: int = 2) -> Image.Image:
         return pipe(prompt=prompt, num_inference_steps=steps, height=height, width=width, output_type="pil",

@@ -415,7 +415,7 @@ def test_killed_rank_resumes_from_checkpoint_through_runner(shapes, cache, seria
             os.kill(runner.pids[1], signal.SIGKILL)
 
     async def main():
-        await runner.start(model="tiny-flux", data=str(shapes), output=str(output), config=config, progress_bar=False)
+        await runner.start(model="tiny-flux-random", data=str(shapes), output=str(output), config=config, progress_bar=False)
         try:
             return await train_on_runner(runner, on_event=on_event)
         finally:
@@ -477,7 +477,7 @@ def test_cli_trains_a_lora_diffusers_loads(shapes, tmp_path, capsys):
     from ditmesh import cli
 
     output = tmp_path / "lora"
-    code = cli.main(["train", "--model", "tiny-flux", "--data", str(shapes), "--lora-rank", "4", "--steps", "2",
+    code = cli.main(["train", "--model", "tiny-flux-random", "--data", str(shapes), "--lora-rank", "4", "--steps", "2",
                      "--batch-size", "2", "--max-sequence-length", str(TEXT_LEN), "--device", "cpu", "-o", str(output)])
     assert code == 0
     assert f"wrote {output} (LoRA rank 4, 2 steps, serial: 1 process(es))" in capsys.readouterr().out

@@ -2,7 +2,9 @@
 
 Nothing is downloaded: a user's FLUX.1-dev / SD3.5 / SDXL folder (what `save_pretrained` or
 `huggingface-cli download` writes: ``model_index.json`` plus one subfolder per component) is
-read with ``local_files_only=True``. The tiny pipelines are built in code.
+read with ``local_files_only=True``. The tiny pipelines are built in code; "tiny-flux" loads the
+weights trained on drawn shapes that ship in ditmesh/models/assets ("tiny-flux-random": the
+random twin the equal-to-serial tests use).
 """
 
 from __future__ import annotations
@@ -12,17 +14,18 @@ from typing import Any
 
 import torch
 
-from ditmesh.models.tiny import TINY_PIPELINES, tiny_pipeline
+from ditmesh.models.tiny import PRETRAINED, TINY_PIPELINES, pretrained_pipeline, tiny_pipeline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_pipeline(model: str, *, dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = None) -> Any:
-    """The diffusers pipeline named `model`: a tiny built-in one ("tiny-flux", "tiny-sd3",
-    "tiny-sdxl") or a local folder in diffusers layout; in `dtype`, moved to `device` if given."""
+    """The diffusers pipeline named `model`: a tiny built-in one ("tiny-flux": trained, draws the
+    coloured shape the prompt names; "tiny-flux-random", "tiny-sd3", "tiny-sdxl": seeded random
+    weights) or a local folder in diffusers layout; in `dtype`, moved to `device` if given."""
     dtype = resolve_dtype(dtype)
     if model in TINY_PIPELINES:
-        pipe = tiny_pipeline(model)
+        pipe = pretrained_pipeline(model) if model in PRETRAINED else tiny_pipeline(model)
         pipe = pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     else:
         pipe = _from_folder(model, dtype)

@@ -7,6 +7,8 @@ FLUX / SD3 / SDXL takes. Nothing is downloaded.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 # Text widths shared by the tiny transformers and the tiny text encoders of the pipelines.
@@ -104,7 +106,10 @@ def sd3_transformer_inputs(*, batch: int = 1, height: int = 32, width: int = 32,
 
 # ---- tiny pipelines: the real diffusers pipeline classes with tiny components ----------------
 
-TINY_PIPELINES = ("tiny-flux", "tiny-sd3", "tiny-sdxl", "tiny-wan")
+TINY_PIPELINES = ("tiny-flux", "tiny-sd3", "tiny-sdxl", "tiny-wan", "tiny-flux-random")
+"""Names `load_pipeline` builds in code: "tiny-flux" is the trained default (`PRETRAINED`), the others have
+seeded random weights ("-random" names the random twin of a trained one; "tiny-sd3", "tiny-sdxl" and
+"tiny-wan" are random)."""
 TINY_SIZE = 128
 """Default image size (pixels) for the tiny pipelines: 16x16 latents, 64 FLUX/SD3 image tokens."""
 _MAX_TOKENS = 77  # CLIP context length, as in the real CLIP tokenizers
@@ -112,7 +117,9 @@ _MAX_TOKENS = 77  # CLIP context length, as in the real CLIP tokenizers
 
 def tiny_pipeline(name: str, seed: int = 0):
     """A tiny random "tiny-flux" (`FluxPipeline`), "tiny-sd3" (`StableDiffusion3Pipeline`) or
-    "tiny-sdxl" (`StableDiffusionXLPipeline`), built offline and deterministic from `seed`.
+    "tiny-sdxl" (`StableDiffusionXLPipeline`), built offline and deterministic from `seed`
+    (the test fixture: always random; "tiny-flux-random" is the same as "tiny-flux" here, and
+    `pretrained_pipeline` is the trained default that ``load_pipeline("tiny-flux")`` gives).
 
     Real pipeline classes, schedulers, text encoders, tokenizers (built in code, no download)
     and an 8x VAE, so sizes, CFG batching and every code path match the full models; a 128x128
@@ -120,6 +127,7 @@ def tiny_pipeline(name: str, seed: int = 0):
     """
     builders = {"tiny-flux": _tiny_flux_pipeline, "tiny-sd3": _tiny_sd3_pipeline, "tiny-sdxl": _tiny_sdxl_pipeline,
                 "tiny-wan": tiny_wan_pipeline}
+    name = name.removesuffix("-random")
     if name not in builders:
         raise ValueError(f"unknown tiny pipeline {name!r}; use one of {', '.join(TINY_PIPELINES)}")
     with torch.random.fork_rng(devices=[]):
@@ -179,6 +187,78 @@ def _tiny_sdxl_pipeline(seed: int):
     )
 
 
+# ---- the embedded default: a tiny FLUX trained on drawn shapes, shipped as weights -----------
+
+PRETRAINED = {"tiny-flux": "tiny_flux.safetensors"}
+"""Trained tiny models: name -> weights file in ditmesh/models/assets (VAE + transformer, fp16),
+written by ``python -m ditmesh.models.pretrain tiny-flux`` (docs/default_model.md)."""
+ASSETS = Path(__file__).parent / "assets"
+
+
+def pretrained_pipeline(name: str = "tiny-flux"):
+    """The trained tiny model `name` ("tiny-flux"): a `FluxPipeline` that draws the coloured
+    shape a prompt names ("a red circle", "a blue square on a yellow background"). Its text
+    encoders are seeded random and frozen (built in code); the VAE and transformer are loaded
+    from the shipped weights."""
+    from safetensors import safe_open
+
+    if name not in PRETRAINED:
+        raise ValueError(f"no trained tiny model {name!r}; use one of {', '.join(PRETRAINED)}")
+    pipe = pretrained_architecture(name)
+    with safe_open(str(ASSETS / PRETRAINED[name]), framework="pt") as weights:
+        metadata = weights.metadata()
+        for prefix, module in (("vae.", pipe.vae), ("transformer.", pipe.transformer)):
+            state = {key[len(prefix):]: weights.get_tensor(key).float() for key in weights.keys() if key.startswith(prefix)}
+            module.load_state_dict(state, strict=True)
+    pipe.vae.register_to_config(shift_factor=float(metadata["vae.shift_factor"]),
+                                scaling_factor=float(metadata["vae.scaling_factor"]))
+    return pipe
+
+
+def pretrained_architecture(name: str = "tiny-flux", seed: int = 0):
+    """The pipeline `pretrained_pipeline` loads weights into, before training: a wider tiny FLUX
+    (hidden 128: 4 heads x 32) and VAE, and text encoders whose tokenizer knows the caption words."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    if name != "tiny-flux":
+        raise ValueError(f"no trained tiny model {name!r}; use one of {', '.join(PRETRAINED)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = FluxPipeline(
+            transformer=tiny_flux_transformer(seed=seed, num_heads=4, head_dim=32),
+            vae=_tiny_vae(flow=True, channels=(16, 32, 32, 32)),
+            text_encoder=_seeded(_tiny_clip(hidden=CLIP_DIM, projection=None), seed),
+            tokenizer=tiny_clip_tokenizer(),
+            text_encoder_2=_seeded(_tiny_t5(_caption_words()), seed + 1),
+            tokenizer_2=tiny_t5_tokenizer(_caption_words()),
+            scheduler=FlowMatchEulerDiscreteScheduler(
+                use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+            ),
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _caption_words() -> tuple[str, ...]:
+    from ditmesh.training.shapes import COLOURS, SHAPES
+
+    return (*sorted(COLOURS), *SHAPES, "on", "background")
+
+
+def _seeded(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    # Weights from our own generator, parameter by parameter in name order, not the library's
+    # initialisers (which change between transformers releases): the frozen encoders the shipped
+    # weights were trained with are rebuilt bit for bit by any torch.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+            else:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+    return model
+
+
 def tiny_sdxl_unet(*, seed: int = 0):
     """A `UNet2DConditionModel` like SDXL's (cross-attention on two CLIPs, text-time added
     conditioning), a few hundred k parameters."""
@@ -207,7 +287,7 @@ def tiny_sdxl_unet(*, seed: int = 0):
     return model.eval()
 
 
-def _tiny_vae(*, flow: bool):
+def _tiny_vae(*, flow: bool, channels: tuple[int, ...] = (8, 8, 16, 16)):
     # Four blocks: the 8x down-scaling of the real VAEs, so size rules are the real ones.
     from diffusers import AutoencoderKL
 
@@ -217,7 +297,7 @@ def _tiny_vae(*, flow: bool):
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
+        block_out_channels=channels,
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=8,
@@ -246,11 +326,11 @@ def _tiny_clip(*, hidden: int, projection: int | None):
     return model_cls(config).eval()
 
 
-def _tiny_t5():
+def _tiny_t5(words: tuple[str, ...] = ()):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
-        vocab_size=len(_t5_vocab()),
+        vocab_size=len(_t5_vocab(words)),
         d_model=T5_DIM,
         d_kv=8,
         d_ff=2 * T5_DIM,
@@ -270,11 +350,11 @@ def tiny_clip_tokenizer():
     return CLIPTokenizer(vocab=_clip_vocab(), merges=[], model_max_length=_MAX_TOKENS)
 
 
-def tiny_t5_tokenizer():
-    """A `T5Tokenizer` (Unigram) over single characters and a few words, built in code."""
+def tiny_t5_tokenizer(words: tuple[str, ...] = ()):
+    """A `T5Tokenizer` (Unigram) over single characters and a few words (plus `words`), built in code."""
     from transformers import T5Tokenizer
 
-    return T5Tokenizer(vocab=_t5_vocab(), extra_ids=0, model_max_length=512)
+    return T5Tokenizer(vocab=_t5_vocab(words), extra_ids=0, model_max_length=512)
 
 
 def _clip_vocab() -> dict[str, int]:
@@ -286,11 +366,12 @@ def _clip_vocab() -> dict[str, int]:
     return {token: i for i, token in enumerate(tokens)}
 
 
-def _t5_vocab() -> list[tuple[str, float]]:
+def _t5_vocab(extra: tuple[str, ...] = ()) -> list[tuple[str, float]]:
     import string
 
     chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
     words = ["a", "the", "of", "and", "in", "with", "photo", "cat", "dog", "astronaut", "horse"]
+    words += [word for word in extra if word not in words]
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(f"▁{word}", -1.0) for word in words] + [(char, -3.0) for char in chars]
     return pieces

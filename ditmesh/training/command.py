@@ -51,10 +51,10 @@ def denoiser_skeleton(model: str) -> Any:
     """The denoiser of `model` without its weights (meta device; a tiny model is built whole), for checks."""
     import torch
 
-    from ditmesh.models.tiny import tiny_pipeline
+    from ditmesh.models.loading import load_pipeline
 
     if model in TINY_PIPELINES:
-        return tiny_pipeline(model).transformer
+        return load_pipeline(model).transformer
     import diffusers
 
     folder = Path(model).expanduser() / "transformer"
