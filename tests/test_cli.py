@@ -184,7 +184,7 @@ def test_diffusion_worker_switches_named_loras_of_its_folder_per_request(tmp_pat
 
     worker = DiffusionWorker()
     worker._device = torch.device("cpu")
-    worker.setup(model="tiny-flux", parallel="serial", lora_dir=str(tmp_path))
+    worker.setup(model="tiny-flux-random", parallel="serial", lora_dir=str(tmp_path))
     assert worker.info["lora_names"] == ["a", "b"]
     for adapters in ({}, {"a": 0.5}, {"a": 1.0, "b": 0.7}, {}):
         image = worker(prompt="a cat", steps=2, height=32, width=32, loras=adapters)["images"][0]
@@ -201,7 +201,7 @@ def _worker_lora_parity(tmp_path, path, DiffusionWorker):
                      generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     worker = DiffusionWorker()
     worker._device = torch.device("cpu")
-    worker.setup(model="tiny-flux", parallel="serial", loras=[[path, 0.5]])
+    worker.setup(model="tiny-flux-random", parallel="serial", loras=[[path, 0.5]])
     image = np.asarray(worker(prompt="a cat", steps=2, height=32, width=32)["images"][0], dtype=np.float32) / 255
     assert worker.info["loras"] == ["a"]
     np.testing.assert_allclose(image, expected, atol=1 / 255 + 1e-6)  # PIL rounding of the same pixels
