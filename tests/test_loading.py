@@ -19,7 +19,7 @@ def _images(pipe):
                 generator=torch.Generator().manual_seed(0)).images
 
 
-@pytest.mark.parametrize("name", TINY_PIPELINES)
+@pytest.mark.parametrize("name", [name for name in TINY_PIPELINES if name != "tiny-wan"])  # video: test_wan.py
 def test_save_and_load_roundtrip(tmp_path, name):
     pipe = load_pipeline(name)
     pipe.save_pretrained(tmp_path)

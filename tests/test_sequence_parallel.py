@@ -433,7 +433,7 @@ def check_cuda_graph_default(degrees, compile):
     saved = entry._on_cuda, fastpath.compile_repeated_blocks, graphs.apply
     entry._on_cuda = lambda pipe: True
     fastpath.compile_repeated_blocks = lambda *a, **k: None
-    graphs.apply = lambda pipe, adapter: applied.append(1) or pipe
+    graphs.apply = lambda pipe, adapter, *rest: applied.append(1) or pipe
     try:
         model, _ = _tiny("flux", 4, (16, 16), 1)
         entry.parallelize(model, ParallelConfig(**degrees), mesh=_mesh(ParallelConfig(**degrees)), compile=compile)

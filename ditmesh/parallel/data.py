@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ditmesh.parallel import lora
 from ditmesh.parallel.mesh import ParallelMesh
 
 
@@ -54,14 +55,16 @@ class DenoiserWrapper(nn.Module):
 
 
 class PipelineWrapper:
-    """A pipeline stand-in: subclasses override `__call__`; everything else reaches the pipeline."""
+    """A pipeline stand-in: subclasses override `__call__` (by default calls pass through);
+    everything else reaches the pipeline, its LoRA methods the models inside ditmesh's wrappers."""
 
     def __init__(self, pipe: Any):
         object.__setattr__(self, "_pipe", pipe)
 
-    def __getattr__(self, name: str) -> Any:
-        from ditmesh.parallel import lora  # LoRA methods must reach the models inside ditmesh's wrappers
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pipe(*args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
         return lora.reach_models(self._pipe, name, getattr(self._pipe, name))
 
     def __setattr__(self, name: str, value: Any) -> None:

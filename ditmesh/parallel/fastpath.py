@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ditmesh.models import adapter_for
 from ditmesh.parallel import graphs, lora
+from ditmesh.parallel.data import PipelineWrapper
 
 _SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -39,7 +40,7 @@ def apply_fastpath(pipe: Any, *, compile: bool = True, autotune: bool = False, c
     `compile=False` keeps eager execution (fused QKV and cuDNN attention only). `autotune=True`
     adds inductor's coordinate-descent tuning (slow compile, no measured gain).
     `cuda_graphs` replays each step as one captured graph (`ditmesh.parallel.graphs`), keeping
-    at most `max_graphs` of them. A pipeline then comes back wrapped (`lora.LoraPipeline`), so
+    at most `max_graphs` of them. A pipeline then comes back wrapped (`data.PipelineWrapper`), so
     that its LoRA methods reach the graphed transformer.
     """
     adapter = adapter_for(pipe)
@@ -52,7 +53,7 @@ def apply_fastpath(pipe: Any, *, compile: bool = True, autotune: bool = False, c
         return pipe
     pipe = graphs.apply(pipe, adapter, max_graphs)
     # The pipeline's LoRA methods must reach the model inside the graphed wrapper.
-    return lora.LoraPipeline(pipe) if hasattr(pipe, adapter.denoiser_attr) else pipe
+    return PipelineWrapper(pipe) if hasattr(pipe, adapter.denoiser_attr) else pipe
 
 
 def fuse_qkv(denoiser: torch.nn.Module) -> None:

@@ -27,7 +27,6 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from ditmesh.parallel.data import PipelineWrapper
 
 # Pipeline methods that read or change LoRA state (diffusers' LoraBaseMixin and family mixins).
 LORA_METHODS = frozenset({
@@ -168,14 +167,6 @@ def reach_models(pipe: Any, name: str, value: Any) -> Any:
             return value(*args, **kwargs)
 
     return call
-
-
-class LoraPipeline(PipelineWrapper):
-    """A pipeline whose denoiser ditmesh wrapped, as the single-GPU fast path returns it: calls
-    pass through; its LoRA methods reach the model inside the wrapper (`reach_models`)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._pipe(*args, **kwargs)
 
 
 # ---- strategies that cannot follow a LoRA --------------------------------------------------------
