@@ -365,6 +365,32 @@ def test_every_strategy_on_nccl_matches_serial(tmp_path):
     assert all(error < NCCL_TOL for error in errors.values()), errors
 
 
+@pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2 GPUs (one NCCL rank each)")
+def test_rank_left_in_an_nccl_collective_fails_the_call_within_the_bound():
+    # Issue 24 on NCCL: rank 1 returns, rank 0 waits for an all_reduce rank 1 never entered (its
+    # result's .item() blocks). The call fails within collective_timeout + 5 s naming rank 0;
+    # the ranks restart by themselves and the next request works.
+    import time
+
+    from runner_workers import EchoWorker
+
+    from ditmesh import DistributedRunner
+    from ditmesh.runner.runner import RanksStuck
+
+    async def session():
+        async with DistributedRunner(EchoWorker, 2, device_type="cuda", collective_timeout=10.0) as runner:
+            await runner.start()
+            started = time.perf_counter()
+            with pytest.raises(RanksStuck) as info:
+                await runner.invoke({"x": 1.0, "return_early_rank": 1}, timeout=60)
+            elapsed = time.perf_counter() - started
+            return elapsed, info.value, await runner.invoke({"x": 2.0}, timeout=120)
+
+    elapsed, error, after = asyncio.run(session())
+    assert 10.0 <= elapsed < 15.0 and error.ranks == [0], (elapsed, error)
+    assert after["sum"] == 2.0 * (1 + 2)
+
+
 # ---- xDiT (xfuser) hosted by XFuserWorker == xfuser run on its own (world 1) ---------------------
 # Each run is its own process (xfuser keeps its groups in module globals): `ditmesh generate
 # --engine xfuser` spawns its rank, xfuser alone runs in a fresh interpreter. Needs xfuser 0.7.0.
