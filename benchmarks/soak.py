@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ditmesh.soak import run_soak
+from ditmesh.soak import pid_alive, run_soak
 
 RESULTS = Path(__file__).parent / "results"
 PATH = "/v1/images/generations"
@@ -122,7 +122,7 @@ async def serve_soak(args: argparse.Namespace) -> dict:
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=60)
-    counts["leaked_processes"] = sum(_alive(pid) for pid in set(pids))
+    counts["leaked_processes"] = sum(pid_alive(pid) for pid in set(pids))
     return counts
 
 
@@ -182,14 +182,6 @@ async def recovered(client, bound_s: float) -> bool:
             return True
         await asyncio.sleep(1.0)  # a restart is under way (503): ask again
     return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ class Soak:
                     pids |= set(runner.pids)
         finally:
             await runner.stop()
-        counts.leaked_processes += sum(_alive(pid) for pid in pids if pid is not None)
+        counts.leaked_processes += sum(pid_alive(pid) for pid in pids if pid is not None)
         # Descriptors open after each mesh's runner stopped: more than after the previous mesh is a
         # leak. (The first runner of a process opens some for good: multiprocessing's resource tracker.)
         fds = _open_fds()
@@ -284,7 +284,8 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id still runs (a leak, once its runner has stopped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
