@@ -121,7 +121,9 @@ def draw_request(rng: random.Random, model: str, config: ParallelConfig) -> Requ
         no_guidance = rng.random() < 0.2
         if not no_guidance:  # FLUX's true CFG is what cfg=2 splits
             payload.update(negative_prompt="blurry", true_cfg_scale=2.0)
-    expect = "ValueError" if (num_prompts == 0 or bad_size or no_guidance) else "images"
+    # PipeFusion cuts the image into bands of token rows (16 px each): more patches than rows is refused.
+    too_few_rows = config.pipefusion_degree > 1 and config.num_patches > size // 16
+    expect = "ValueError" if (num_prompts == 0 or bad_size or no_guidance or too_few_rows) else "images"
     mode = rng.choice(("invoke", "stream"))
     roll = rng.random()
     if expect != "images" or roll < 0.7:

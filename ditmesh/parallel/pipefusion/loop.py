@@ -222,6 +222,7 @@ class PipeFusionTransformer(nn.Module):
         self._predictions: dict[int, torch.Tensor] = {}
         self._last_step: int | None = None
         self._last_text: torch.Tensor | None = None
+        self._timesteps: torch.Tensor | None = None  # the schedule of the pipeline call being served
         self.times = StageTimes()
 
     def __getattr__(self, name: str) -> Any:
@@ -233,6 +234,10 @@ class PipeFusionTransformer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, return_dict: bool = True, **kwargs):
         step = self._step_of(timestep)
         text = kwargs.get("encoder_hidden_states")
+        if self._scheduler.timesteps is not self._timesteps:
+            # A new pipeline call (set_timesteps made a new schedule): the last call may have ended
+            # at this step (one step, or cancelled after its first), which is not a second call.
+            self._last_step, self._timesteps = None, self._scheduler.timesteps
         if self._last_step is not None and step == self._last_step and not _same(text, self._last_text):
             raise ValueError(
                 "PipeFusion runs one denoiser call per step, but this pipeline called it twice at one step "
