@@ -23,17 +23,9 @@ WARMUPS, PATCHES = (0, 1, 2), (2, 4)
 
 
 def _draw(parallel: str | None, steps: int, size: int) -> np.ndarray | None:
-    from ditmesh import ParallelConfig
-    from ditmesh.models.loading import load_pipeline
-    from ditmesh.parallel import parallelize
-    from tests.test_prompt_following import PROMPTS, SEED
+    from tests.test_prompt_following import _draw as draw  # the prompt-following test's images
 
-    pipe = load_pipeline("tiny-flux")
-    if parallel is not None:
-        pipe = parallelize(pipe, ParallelConfig.parse(parallel))
-    out = pipe(PROMPTS, num_inference_steps=steps, height=size, width=size, output_type="np",
-               generator=[torch.Generator().manual_seed(SEED) for _ in PROMPTS])
-    return None if out is None else out.images * 255.0
+    return draw(parallel, steps, size)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:

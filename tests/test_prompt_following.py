@@ -36,12 +36,12 @@ def object_colour_and_shape(image: np.ndarray) -> tuple[str, str]:
     return name, shape
 
 
-def _draw(parallel: str | None = None) -> np.ndarray | None:
+def _draw(parallel: str | None = None, steps: int = STEPS, size: int = SIZE) -> np.ndarray | None:
     """The images of PROMPTS (N, H, W, 3) in 0..255 (None on ranks that return no images)."""
     pipe = load_pipeline("tiny-flux")
     if parallel is not None:
         pipe = parallelize(pipe, ParallelConfig.parse(parallel))
-    out = pipe(PROMPTS, num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="np",
+    out = pipe(PROMPTS, num_inference_steps=steps, height=size, width=size, output_type="np",
                generator=[torch.Generator().manual_seed(SEED) for _ in PROMPTS])
     return None if out is None else out.images * 255.0
 
