@@ -3,7 +3,7 @@
 A spawned rank re-imports torch, diffusers and ditmesh before it does anything: 5-6 s of CPU
 per rank on a 2-core machine, so a 4-rank runner spent ~20 s starting (and a restart after a
 lost rank as long again). On Linux ranks come instead from multiprocessing's fork server, which
-imports `PRELOAD` once and forks a fresh child per rank: start-up falls to about a second, and a
+imports torch, diffusers and ditmesh once (`_preload.py`) and forks a fresh child per rank: start-up falls to about a second, and a
 child is as clean as a spawned one (the server never initialises CUDA, OpenMP or a process group,
 and the child re-imports the target's module by name, as spawn does).
 
@@ -21,8 +21,7 @@ import sys
 from typing import Any, Callable
 
 # Heavy, side-effect free imports only: nothing that starts threads or touches a device.
-# (Not `diffusers` at top level: it imports triton, whose bindings complain at the server's exit.)
-PRELOAD = ("torch", "torch.distributed", "ditmesh.runner.worker", "ditmesh.models.tiny")
+PRELOAD = ("ditmesh.runner._preload",)
 
 
 def context() -> multiprocessing.context.BaseContext:
