@@ -50,6 +50,13 @@ TINY_CPU = {
     "sd3": dict(SD35_LARGE, sample_size=32, num_layers=8, attention_head_dim=16, num_attention_heads=4,
                 joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=64, pos_embed_max_size=32),
 }
+# Published text encoder configs (transformers): real sizes on the meta device or with random weights.
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
+CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+              num_attention_heads=20, max_position_embeddings=77, projection_dim=1280)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu")
 
 
 def cold_compiles() -> None:
