@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import harness  # noqa: F401  (first: puts the repository on sys.path)
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
 import torch.distributed as dist
 

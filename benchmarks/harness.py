@@ -40,6 +40,7 @@ from ditmesh.models.flux import FLUX_DEV_CONFIG as FLUX_DEV  # noqa: E402
 from ditmesh.models.sd3 import SD35_LARGE_CONFIG as SD35_LARGE  # noqa: E402
 
 GIB = 2**30
+GUIDANCE = 3.5  # FLUX.1-dev's guidance scale
 PROMPT = "a photo of an astronaut riding a horse"
 # --quick on a GPU: full width, few blocks (8 each, so pipefusion=8 still has a block per stage).
 QUICK_GPU = {"flux": dict(num_layers=2, num_single_layers=6), "sd3": dict(num_layers=8)}
@@ -60,10 +61,15 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
 
 
 def cold_compiles() -> None:
-    """Inductor's caches off, so every compile is cold: a warm-up is what a user's first call waits.
-    Call before the first compile."""
+    """Inductor's caches off, so every compile is cold: a warm-up is what a user's first call waits
+    (whatever ran on the machine before). The environment for child processes, the configs for this one."""
+    import torch._functorch.config as functorch
+    import torch._inductor.config as inductor
+
     for name in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE", "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE"):
-        os.environ.setdefault(name, "0")
+        os.environ[name] = "0"
+    inductor.fx_graph_cache = inductor.autotune_remote_cache = False
+    functorch.enable_autograd_cache = False
 
 
 # ---- process groups ---------------------------------------------------------------------------
@@ -112,6 +118,28 @@ def spawn(body: Callable, world: int, *args: Any) -> None:
     mp.spawn(body, args=(world, free_port(), *args), nprocs=world, join=True)
 
 
+def spawn_rows(body: Callable, world: int, *args: Any) -> tuple[list, str | None, str | None]:
+    """`spawn` of `body(rank, world, port, out_path, *args)`, whose rank 0 saves its rows so far to
+    `out_path` (torch.save) after each row and may name the row in progress in `out_path.running`.
+    Returns (the rows saved, the failure's last line or None, the row running when it failed), so a
+    crash or hang keeps the rows finished before it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "rows.pt")
+        error = running = None
+        try:
+            spawn(body, world, out_path, *args)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller with the rows finished before it
+            lines = str(exc).strip().splitlines()
+            error = lines[-1] if lines else type(exc).__name__
+            print(f"world {world} failed:\n{exc}", flush=True)
+            if os.path.exists(out_path + ".running"):
+                running = Path(out_path + ".running").read_text()
+        rows = torch.load(out_path, weights_only=False) if os.path.exists(out_path) else []
+    return rows, error, running
+
+
 def init_fake(world: int, rank: int = 0) -> None:
     """This process becomes rank `rank` of `world` in torch's fake process group: collectives
     return at once and move nothing, so a parallel code path runs one rank's compute and host
@@ -141,6 +169,22 @@ def init_single(device: torch.device) -> None:
         dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=device)
     else:
         dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+
+@contextlib.contextmanager
+def one_accelerator_on_cpu(device: torch.device | str = "cpu"):
+    """CPU proof of diffusers' context parallelism only: diffusers 0.42.1 places CP on device
+    `rank % torch.accelerator.device_count()`, which divides by zero on a CPU-only host; inside,
+    `device_count()` answers 1 (yields whether it did)."""
+    if torch.device(device).type != "cpu" or torch.accelerator.device_count() > 0:
+        yield False
+        return
+    count = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield True
+    finally:
+        torch.accelerator.device_count = count
 
 
 # ---- timing, memory, error --------------------------------------------------------------------
@@ -203,6 +247,18 @@ def bench_ms(fn: Callable[[], Any], samples: int = 7, min_sample_ms: float = 2.0
     return statistics.median(timed_ms(run, "cuda") / inner for _ in range(samples))
 
 
+def host_ms(fn: Callable[[], Any], device: torch.device | str = "cuda", calls: int = 5) -> float:
+    """Median ms the host takes to issue one call without waiting for the GPU (after a sync)."""
+    times = []
+    for _ in range(calls):
+        sync(device)
+        begin = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - begin) * 1e3)
+    sync(device)
+    return statistics.median(times)
+
+
 def percentiles(samples_ms: Iterable[float], ndigits: int | None = None) -> dict[str, float]:
     """p50, p99 (nearest rank), mean and count of latencies in ms."""
     ms = sorted(samples_ms)
@@ -260,12 +316,10 @@ def device_name(device: torch.device | str = "cuda", cpu: str = "cpu") -> str:
 
 
 def machine_tag(device: torch.device | str, world: int | None = None, tiny: bool = False, fake: bool = False) -> str:
-    """Results file tag: "h200", "h200_x2", "h200_fake8", "cpu_tiny", "h200_x2_tiny" ..."""
+    """Results file tag: "h200", "h200_x2", "h200_fake8", "cpu_x2_tiny", "cpu_tiny" ..."""
     device = torch.device(device)
-    kind = "" if world is None else f"_fake{world}" if fake else f"_x{world}"
-    if device.type == "cpu":
-        return ("cpu_tiny" if tiny else "cpu") + (kind if fake else "")
-    return device_name(device).split()[-1].lower() + kind + ("_tiny" if tiny else "")
+    name = device_name(device).split()[-1].lower()
+    return name + ("" if world is None else f"_fake{world}" if fake else f"_x{world}") + ("_tiny" if tiny else "")
 
 
 def versions() -> dict[str, str]:
@@ -279,6 +333,14 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[package] = "not installed"
     return out
+
+
+def host_env() -> dict:
+    """The host a CPU measurement ran on (load inflates tail latencies) and when."""
+    import platform
+
+    return {"cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0], "python": platform.python_version(),
+            "torch": torch.__version__, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def command() -> str:
@@ -317,6 +379,32 @@ def tag_from(name: str) -> str:
 
 
 # ---- models -----------------------------------------------------------------------------------
+
+
+def seeded_model(cls_name: str, config: dict, device: torch.device | str = "cuda",
+                 dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """A diffusers model of class `cls_name` and `config` with torch's own initialisation from
+    seed 0, built on `device` in fp32 and cast to `dtype` (as torch's initialisers expect)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return getattr(diffusers, cls_name)(**config).to(dtype).eval()
+
+
+def flux_inputs(batch: int = 1, h: int = 64, w: int = 64, text: int = 512, spec: dict = FLUX_DEV,
+                device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Keyword inputs of one FLUX transformer forward: h x w packed latent tokens (1024 px / 8
+    (VAE) / 2 (packing) -> 64 x 64 = 4096) with their grid ids, `text` prompt tokens."""
+    img_ids = torch.zeros(h, w, 3, device=device)
+    img_ids[..., 1] = torch.arange(h, device=device)[:, None]
+    img_ids[..., 2] = torch.arange(w, device=device)[None, :]
+    kw = dict(device=device, dtype=dtype)
+    return dict(hidden_states=torch.randn(batch, h * w, spec["in_channels"], **kw),
+                encoder_hidden_states=torch.randn(batch, text, spec["joint_attention_dim"], **kw),
+                pooled_projections=torch.randn(batch, spec["pooled_projection_dim"], **kw),
+                timestep=torch.full((batch,), 0.7, **kw), guidance=torch.full((batch,), 3.5, **kw),
+                img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3, device=device), return_dict=False)
 
 
 def random_transformer(spec: dict, device: torch.device, dtype: torch.dtype, seed: int = 0,
@@ -425,3 +513,23 @@ def prompt_embeds(pipe: Any, family: str, text_len: int, device: torch.device) -
             PROMPT, None, None, device=device, do_classifier_free_guidance=True, max_sequence_length=text_len)
     return dict(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
                 negative_pooled_prompt_embeds=negative_pooled)
+
+
+def fresh_flux_pipeline(settings: dict, device: torch.device) -> Any:
+    """A new FluxPipeline around a random transformer of `settings["spec"]` in `settings["dtype"]`
+    (each strategy changes the one it gets)."""
+    dtype = getattr(torch, settings["dtype"])
+    return build_pipeline("flux", settings["spec"], device, dtype,
+                          transformer=random_transformer(settings["spec"], device, dtype))
+
+
+def flux_call_inputs(pipe: Any, settings: dict, device: torch.device) -> dict:
+    """Keyword arguments of every timed call of a FLUX pipeline at `settings["size"]`²: prompt
+    embeddings and initial latents, the same on every rank; latents out."""
+    dtype = getattr(torch, settings["dtype"])
+    size = settings["size"]
+    tokens, channels = (size // 16) ** 2, settings["spec"]["in_channels"]
+    latents = torch.randn(1, tokens, channels, generator=torch.Generator().manual_seed(1))  # packed 2x2 latents
+    embeds = prompt_embeds(pipe, "flux", settings["text_len"], device)
+    return dict(embeds, latents=latents.to(device, dtype), height=size, width=size, guidance_scale=GUIDANCE,
+                max_sequence_length=settings["text_len"], output_type="latent")
