@@ -315,7 +315,7 @@ def markdown(rows: list[dict], env: dict) -> str:
     body = [(f"{r['size']}²", r["framework"], r["mode"], where(r), f(r.get("per_image_s"), ".2f"), f(r.get("text_ms"), ".1f"),
              f(r.get("denoise_ms") and r["denoise_ms"] / 1e3, ".2f"), f(r.get("step_ms"), ".1f"), f(r.get("decode_ms"), ".1f"),
              f(r.get("other_ms"), ".1f"), f(r.get("warmup_s"), ".1f"), f(r.get("peak_gib"), ".1f"),
-             f(r.get("vs_diffusers_eager"), ".2f") + ("x" if r.get("vs_diffusers_eager") else ""),
+             *(f(r.get(key), ".2f") + ("x" if r.get(key) else "") for key in ("vs_diffusers_eager", "vs_diffusers_compiled")),
              r.get("error") or r.get("note", "")) for r in sorted(rows, key=lambda r: r["size"])]
     lines = [f"# Per-image latency, prompt to decoded image: FLUX.1-dev-sized on {env['machine']}", "",
              f"Command: `{env['command']}`", "",
@@ -325,8 +325,8 @@ def markdown(rows: list[dict], env: dict) -> str:
              "capture); text / decode: CUDA events around encode_prompt / vae.decode; denoise: between them; "
              "other: the rest (latents set-up, image to PIL). peak: max_memory_allocated, weights included.", "",
              *harness.table(("image", "framework", "mode", "GPUs", "per image s", "text ms", "denoise s", "step ms",
-                             "decode ms", "other ms", "warm-up s", "peak GiB", "vs diffusers eager", "note"), body,
-                            "lllrrrrrrrrrrl"),
+                             "decode ms", "other ms", "warm-up s", "peak GiB", "vs diffusers eager",
+                             "vs diffusers compiled", "note"), body, "lllrrrrrrrrrrrl"),
              "", *[f"- {note}" for note in env["notes"]]]
     return "\n".join(lines) + "\n"
 
@@ -400,12 +400,12 @@ def main() -> None:
     env["build_s"] = round(time.perf_counter() - tic, 1)
     restore = restored_compile_configs()
     for row in rows:
+        tic = time.perf_counter()
         if time.time() - started > args.budget_s:
             done.append(dict(asdict(row), steps=args.steps, error=f"skipped: not started within --budget-s {args.budget_s:.0f}"))
-            continue
-        tic = time.perf_counter()
-        done.append(measure(row, models, args))
-        restore()
+        else:
+            done.append(measure(row, models, args))
+            restore()
         print(f"== {row.label():45s} {_summary(done[-1])} ({time.perf_counter() - tic:.0f} s)", flush=True)
         add_speedups(done)
         harness.write_results(stem, dict(env=env, rows=done), markdown(done, env))
