@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ditmesh.config import ParallelConfig
-from ditmesh.parallel.attention import SequenceContext, attention, available_backends, local_attention
+from ditmesh.parallel.attention import SequenceContext, attention, available_backends, local_attention, resolve_backend
 from ditmesh.parallel.mesh import ParallelMesh
 
 # (batch, heads, image tokens, text tokens, head_dim)
@@ -46,10 +46,22 @@ def _inputs(shape, device, dtype, seed=0):
     return [torch.randn(batch, heads, tokens + text, dim, generator=gen, device=device, dtype=dtype) for _ in range(3)]
 
 
+def backends_on(device: str) -> tuple[str, ...]:
+    """The registered local backends that run on `device` (triton: CUDA only)."""
+    usable = []
+    for name in available_backends():
+        try:
+            resolve_backend(name, need_lse=False, device_type=device)
+        except ValueError:
+            continue
+        usable.append(name)
+    return tuple(usable)
+
+
 def bench_local(shape, device, dtype, iters) -> list[dict]:
     q, k, v = _inputs(shape, device, dtype)
     rows = []
-    for backend in ("auto",) + available_backends():
+    for backend in ("auto",) + backends_on(device):
         with torch.no_grad():
             seconds = _time(lambda: local_attention(q, k, v, backend), iters, device)
         rows.append(dict(kind="local", mode=backend, world=1, shape=shape, ms=seconds * 1e3))
