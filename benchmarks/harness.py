@@ -3,7 +3,10 @@ JSON + markdown writers and the FLUX.1-dev / SD3.5-sized model builders.
 
 Each script in benchmarks/ asks one question and imports this module first:
 
-    import harness  # noqa: F401  (python benchmarks/x.py puts benchmarks/ on sys.path)
+    import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
+
+(`python benchmarks/x.py` and `torchrun benchmarks/x.py` put benchmarks/ on sys.path, so
+`import harness` finds this file; nothing else in benchmarks/ touches sys.path.)
 
 Importing it puts the repository root on sys.path (so `ditmesh` imports from this checkout
 without an install) and turns NVLink multicast off for NCCL (the lender's GPU machines need it
