@@ -10,7 +10,7 @@ diffusers,ditmesh`, then `--frameworks xfuser --append`; the serial diffusers ea
 reference, runs every time).
 
 What is timed: the denoising loop of a `FluxPipeline` whose transformer has FLUX.1-dev's architecture
-(19 + 38 blocks, 24 heads x 128) with random weights from one seed (`pipefusion_nccl.random_transformer`:
+(19 + 38 blocks, 24 heads x 128) with random weights from one seed (`harness.random_transformer`:
 the same weights on every rank and in every row), from prompt embeddings (random, seeded: 512 text
 tokens, the pooled vector and the initial latents are the same on every rank and in every row),
 --steps steps (8) at --height x --width (1024²), guidance 3.5, `output_type="latent"`.
