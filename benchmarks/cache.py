@@ -159,15 +159,10 @@ def run_row(name: str, make: Callable, args: argparse.Namespace, device: torch.d
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [f"# Step caching, {env['device']}: FLUX.1-dev-sized, {env['size']}², {env['steps']} steps, "
              f"same computed steps (mask {env['mask']})", "",
-             "| row | computed | per image s | first call s | rel err vs row 1 | peak GiB |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        if "skipped" in r or "error" in r:
-            lines.append(f"| {r['row']} | | | | {r.get('skipped') or r.get('error')} | |")
-            continue
-        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else ""
-        lines.append(f"| {r['row']} | {r['computed']} of {env['steps']} | {r['per_image_s']:.3f} | {r['first_call_s']:.1f} | "
-                     f"{r['rel_err_vs_first_row']:.3f} | {peak} |")
+             *harness.table(("row", "computed", "per image s", "first call s", "rel err vs row 1", "peak GiB"), [
+                 (r["row"], "", "", "", r.get("skipped") or r.get("error"), "") if "skipped" in r or "error" in r else
+                 (r["row"], f"{r['computed']} of {env['steps']}", f"{r['per_image_s']:.3f}", f"{r['first_call_s']:.1f}",
+                  f"{r['rel_err_vs_first_row']:.3f}", harness.fmt(r["peak_gib"], ".1f")) for r in rows])]
     if env.get("decision_ms_per_step") is not None:
         lines += ["", f"Decision read (fbcache's host read of the reduced statistic) per step: {env['decision_ms_per_step']:.3f} ms "
                       "(static+read minus static, per step)."]

@@ -52,9 +52,9 @@ def measure(name: str, tokens: int, fn, reference: torch.Tensor | None) -> torch
 def markdown() -> str:
     lines = ["# Sequence-parallel path on one GPU (degree 1): wrappers and compile vs diffusers", "",
              f"{harness.device_name()}, torch {torch.__version__}; FLUX.1-dev-sized transformer, bf16, 512 text tokens.",
-             "", "| image tokens | variant | GPU ms/step | host ms/step | first call s | rel err |", "|---:|---|---:|---:|---:|---:|"]
-    for r in ROWS:
-        lines.append(f"| {r['image_tokens']} | {r['variant']} | {r['gpu_ms']:.1f} | {r['host_ms']:.1f} | {r['first_call_s']:.1f} | {r['rel_err_vs_diffusers']:.1e} |")
+             "", *harness.table(("image tokens", "variant", "GPU ms/step", "host ms/step", "first call s", "rel err"), [
+                 (r["image_tokens"], r["variant"], f"{r['gpu_ms']:.1f}", f"{r['host_ms']:.1f}", f"{r['first_call_s']:.1f}",
+                  f"{r['rel_err_vs_diffusers']:.1e}") for r in ROWS], "rlrrrr")]
     return "\n".join(lines) + "\n"
 
 

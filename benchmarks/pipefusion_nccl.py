@@ -169,18 +169,18 @@ def markdown(report: dict) -> str:
              f"FLUX.1-dev-architecture transformer ({env['layers']} blocks, {env['width']}), random {env['dtype']} weights, "
              f"{env['size']}x{env['size']}, {env['steps']} steps, eager. step: denoising loop / steps (median of "
              f"{env['loops']}, max over ranks); PSNR of the final latents vs serial (peak: the serial latents' range).",
-             "", "| implementation | config | step ms | speed-up vs serial | PSNR vs serial (dB) |",
-             "|---|---|---:|---:|---:|"]
-    for row in report["rows"]:
-        if row.get("skipped"):
-            lines.append(f"| {row['impl']} | {row['config']} | skipped: {row['skipped']} | | |")
-            continue
-        speedup = serial_ms / row["step_ms"] if row["step_ms"] else None
-        value = row["psnr_db"]
-        shown = "" if value is None else ("exact" if math.isinf(value) else f"{value:.1f}")
-        lines.append(f"| {row['impl']} | {row['config']} | {row['step_ms']:.1f} | "
-                     f"{'' if speedup is None else f'{speedup:.2f}x'} | {shown} |")
+             "", *harness.table(("implementation", "config", "step ms", "speed-up vs serial", "PSNR vs serial (dB)"),
+                                [_cells(row, serial_ms) for row in report["rows"]], "llrrr")]
     return "\n".join(lines + [""] + [f"- {note}" for note in report["notes"]]) + "\n"
+
+
+def _cells(row: dict, serial_ms: float) -> tuple:
+    if row.get("skipped"):
+        return row["impl"], row["config"], f"skipped: {row['skipped']}", "", ""
+    speedup = serial_ms / row["step_ms"] if row["step_ms"] else None
+    value = row["psnr_db"]
+    shown = "" if value is None else ("exact" if math.isinf(value) else f"{value:.1f}")
+    return row["impl"], row["config"], f"{row['step_ms']:.1f}", harness.fmt(speedup, ".2f") + ("x" if speedup else ""), shown
 
 
 # ---- main -------------------------------------------------------------------------------------

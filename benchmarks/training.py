@@ -205,14 +205,11 @@ def markdown(report: dict) -> str:
              f"{env['steps']} steps after {env['warmup']} warm-up."
              + (" CPU run: it proves the code path; times on a shared CPU host are no measurement." if env["device"] == "cpu" else ""),
              "",
-             "| strategy | GPUs | step (ms) | examples/s | speed-up vs 1 GPU | memory after set-up, per rank (GiB) | peak per rank (GiB) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in report["rows"]:
-        if "error" in row:
-            lines.append(f"| {row['strategy']} | {row['world']} | {row['error']} | | | | |")
-            continue
-        lines.append(f"| {row['strategy']} | {row['world']} | {row['step_ms']:.0f} | {row['examples_per_s']:.2f} | "
-                     f"{row.get('speedup_vs_1', '')} | {_gib(row['setup_gib_per_rank'])} | {_gib(row['peak_gib_per_rank'])} |")
+             *harness.table(("strategy", "GPUs", "step (ms)", "examples/s", "speed-up vs 1 GPU",
+                             "memory after set-up, per rank (GiB)", "peak per rank (GiB)"), [
+                 (r["strategy"], r["world"], r["error"], "", "", "", "") if "error" in r else
+                 (r["strategy"], r["world"], f"{r['step_ms']:.0f}", f"{r['examples_per_s']:.2f}", r.get("speedup_vs_1", ""),
+                  _gib(r["setup_gib_per_rank"]), _gib(r["peak_gib_per_rank"])) for r in report["rows"]])]
     return "\n".join(lines) + "\n"
 
 

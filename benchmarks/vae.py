@@ -122,17 +122,15 @@ def markdown(env: dict, decode: list[dict], text: list[dict]) -> str:
     lines = [f"# Parallel VAE decode, FLUX.1 VAE, {env['machine']}", "",
              f"torch {env['torch']}, {env['dtype']}; one rank of W in torch's fake process group "
              "(compute and issue cost, no transfer time); peak = max_memory_allocated, weights included.", "",
-             "| image | W | ms per rank | speed-up vs serial | peak GiB per rank |", "| --- | --- | --- | --- | --- |"]
-    for row in decode:
-        lines.append(f"| {row['size']}² | {'serial' if row['world'] == 1 else row['world']} | {row['ms']} | "
-                     f"{row['speedup']}x | {row['peak_gib']} |")
+             *harness.table(("image", "W", "ms per rank", "speed-up vs serial", "peak GiB per rank"), [
+                 (f"{r['size']}²", "serial" if r["world"] == 1 else r["world"], r["ms"], f"{r['speedup']}x", r["peak_gib"])
+                 for r in decode])]
     if env.get("moments_rel_err") is not None:
         lines += ["", f"CUDA GroupNorm statistics vs fp32 var_mean: max relative error {env['moments_rel_err']:.1e}."]
     lines += ["", "## Text encoders per rank (bf16 GiB)", "",
-              "| family | encoders | every rank, before | encoding rank | other ranks |", "| --- | --- | --- | --- | --- |"]
-    for row in text:
-        encoders = ", ".join(f"{k} {v}" for k, v in row["encoders"].items())
-        lines.append(f"| {row['family']} | {encoders} | {row['every_rank_before_gib']} | {row['encoding_rank_gib']} | 0 |")
+              *harness.table(("family", "encoders", "every rank, before", "encoding rank", "other ranks"), [
+                  (r["family"], ", ".join(f"{k} {v}" for k, v in r["encoders"].items()), r["every_rank_before_gib"],
+                   r["encoding_rank_gib"], 0) for r in text])]
     return "\n".join(lines) + "\n"
 
 
