@@ -137,9 +137,8 @@ def _planned_linears(denoiser: nn.Module, adapter: Any) -> list[str]:
 
 def _recipe() -> Any:
     """torchao's fp8 recipe: rowwise scales (per output row of the weight, per token of the input)."""
-    torchao = _import_torchao()
-    return torchao.quantization.Float8DynamicActivationFloat8WeightConfig(
-        granularity=torchao.quantization.PerRow(), set_inductor_config=False)
+    quantization = _import_torchao().quantization
+    return quantization.Float8DynamicActivationFloat8WeightConfig(granularity=quantization.PerRow(), set_inductor_config=False)
 
 
 def _quantize_linear(linear: nn.Linear, config: Any) -> None:
