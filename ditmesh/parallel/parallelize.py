@@ -51,12 +51,13 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     if config.world_size == 1 and not dist.is_initialized():
         # One process: on CUDA the single-GPU fast path; on CPU the pipeline as it is. The step
         # cache graphs its own pieces (first block | the rest | the residual add), not the whole step.
-        fp8.check(pipe, adapter_for(pipe), quantize, "cuda" if _on_cuda(pipe) else "cpu")
+        if quantize:
+            fp8.check(pipe, adapter_for(pipe), quantize, "cuda" if _on_cuda(pipe) else "cpu")
         if _on_cuda(pipe):
             pipe = fastpath.apply_fastpath(pipe, compile=compile is not False, autotune=autotune,
                                            cuda_graphs=cuda_graphs is not False and not cache.enabled,
                                            max_graphs=max_graphs, quantize=quantize)
-        else:
+        elif quantize:
             for denoiser in denoisers(pipe, adapter_for(pipe)).values():
                 fp8.apply(denoiser, adapter_for(pipe), quantize)
         if cache.enabled:

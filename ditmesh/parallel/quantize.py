@@ -101,8 +101,7 @@ def check_cli(quantize: str | None, device: str, dtype: str) -> None:
 def apply(denoiser: nn.Module, adapter: Any, quantize: str | None = "fp8") -> list[str]:
     """Quantise `denoiser`'s planned linears to fp8 in place; return their names.
 
-    Call after tensor parallelism and Q/K/V fusion (both change which weights exist) and before
-    compiling. Every rank calls it with the same model; it is local (no collective)."""
+    Call after Q/K/V fusion (it changes which weights exist) and before compiling. Every rank calls it with the same model; it is local (no collective)."""
     if normalize(quantize) is None:
         return []
     names = _planned_linears(denoiser, adapter)
