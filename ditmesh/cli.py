@@ -220,8 +220,8 @@ def _speed_setup(args: argparse.Namespace) -> dict[str, Any]:
         from ditmesh.parallel.quantize import check_cli
 
         check_cli(args.quantize, args.device, args.dtype)
-    return dict(compile=False if args.eager else None, loras=args.lora, max_graphs=args.max_graphs, cache=args.cache,
-                quantize=None if args.quantize == "off" else args.quantize)
+    quantize = {} if args.quantize == "off" else dict(quantize=args.quantize)  # only when on: every worker takes the rest
+    return dict(compile=False if args.eager else None, loras=args.lora, max_graphs=args.max_graphs, cache=args.cache, **quantize)
 
 
 def _engine_setup(engine: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:

@@ -160,6 +160,22 @@ def test_plan_layers_are_fp8_and_no_bf16_copy_is_left():
     assert quantize.weight_bytes(model) < 0.6 * before
 
 
+def test_sd3_plan_quantises_its_joint_blocks():
+    from ditmesh.models.tiny import sd3_transformer_inputs, tiny_sd3_transformer
+
+    model = tiny_sd3_transformer(num_layers=2).to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) else v for k, v in sd3_transformer_inputs(height=16, width=16).items()}
+    with torch.no_grad():
+        reference = model(**inputs)[0].float()
+        names = quantize.apply(model, adapter_for(model))
+        out = model(**inputs)[0].float()
+    assert "transformer_blocks.1.attn.to_q" in names and "transformer_blocks.0.norm1.linear" in names
+    assert not any(name.startswith(("pos_embed", "context_embedder", "time_text_embed", "proj_out")) for name in names)
+    error = float((out - reference).norm() / reference.norm())
+    print(f"tiny SD3 fp8 vs bf16: rel err {error:.1e}")
+    assert 0 < error < 0.1
+
+
 def test_bad_input_is_refused_before_anything_changes():
     model = tiny_flux_transformer()  # float32
     with pytest.raises(ValueError, match="dtype=torch.bfloat16"):
