@@ -27,13 +27,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ditmesh.models import adapter_for
 from ditmesh.parallel import graphs, lora
+from ditmesh.parallel import quantize as quantize_module
 from ditmesh.parallel.data import PipelineWrapper
 
 _SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def apply_fastpath(pipe: Any, *, compile: bool = True, autotune: bool = False, cuda_graphs: bool = True,
-                   max_graphs: int = graphs.MAX_GRAPHS) -> Any:
+                   max_graphs: int = graphs.MAX_GRAPHS, quantize: str | None = None) -> Any:
     """Speed up a diffusers pipeline (or a bare denoiser) on one CUDA GPU; returns it (a bare
     denoiser comes back wrapped when `cuda_graphs`).
 
@@ -41,11 +42,13 @@ def apply_fastpath(pipe: Any, *, compile: bool = True, autotune: bool = False, c
     adds inductor's coordinate-descent tuning (slow compile, no measured gain).
     `cuda_graphs` replays each step as one captured graph (`ditmesh.parallel.graphs`), keeping
     at most `max_graphs` of them. A pipeline then comes back wrapped (`data.PipelineWrapper`), so
-    that its LoRA methods reach the graphed transformer.
+    that its LoRA methods reach the graphed transformer. `quantize="fp8"`: fp8 linears
+    (`ditmesh.parallel.quantize`), applied after fusing and before compiling.
     """
     adapter = adapter_for(pipe)
     denoiser = getattr(pipe, adapter.denoiser_attr, pipe)
     fuse_qkv(denoiser)
+    quantize_module.apply(denoiser, adapter, quantize)
     prefer_cudnn_attention(denoiser)
     if compile:
         compile_repeated_blocks(denoiser, autotune=autotune)
