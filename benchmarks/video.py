@@ -306,6 +306,7 @@ def main() -> None:
             continue
         if time.time() - started > args.budget_s:
             rows.append(dict(model=f"Wan2.1-{row[0]}", size=row[1], config=row[2], error=f"skipped: --budget-s {args.budget_s:.0f}"))
+            write(rows, env, stem)
             continue
         tic = time.perf_counter()
         try:
