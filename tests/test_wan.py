@@ -235,3 +235,44 @@ def test_save_video_formats(tmp_path):
             assert (video.format, video.n_frames) == (kind, 9)
     with pytest.raises(ValueError, match="use a .mp4, .gif, .webp"):
         save_video(frames, tmp_path / "v.avi")
+
+
+# ---- the parallel VAE decode (AutoencoderKLWan: causal 3-D convs, per-frame feature cache) ----
+
+
+def _vae_decode_case(shapes: list[tuple[int, int, int]]) -> list[dict]:
+    """Serial vs row-split decode of the tiny Wan VAE for latents (frames, height, width), and the
+    band of latent rows each decoder call saw on this rank."""
+    import torch.distributed as dist
+
+    from ditmesh.models.tiny import WAN_LATENT_CHANNELS, _tiny_wan_vae
+    from ditmesh.parallel import vae as parallel_vae
+
+    torch.manual_seed(0)
+    vae = _tiny_wan_vae()
+    results = []
+    with torch.no_grad():
+        latents = [torch.randn(1, WAN_LATENT_CHANNELS, *shape, generator=torch.Generator().manual_seed(sum(shape)))
+                   for shape in shapes]
+        expected = [vae.decode(z).sample for z in latents]
+        split = parallel_vae.install(vae, dist.group.WORLD, min_latent_pixels=0)
+        bands = []
+        vae.decoder.conv_in.register_forward_pre_hook(lambda module, args: bands.append(args[0].shape[-2]))
+        for z, serial in zip(latents, expected):
+            bands.clear()
+            out = vae.decode(z).sample
+            results.append(dict(close=_close(out, serial), error=(out - serial).abs().max().item(), bands=sorted(set(bands)),
+                                shape=tuple(out.shape), active=split.active))
+    return results
+
+
+def test_vae_decode_split_by_rows_equals_serial(pools):
+    # 3 latent frames (9 video frames: the causal cache carries rows across calls); 7 latent rows
+    # split 4 + 3 at world 2 and 2 + 2 + 2 + 1 at world 4; one latent row per rank at world 4.
+    for world, shapes in ((2, [(3, 7, 6)]), (4, [(3, 7, 5), (2, 4, 4)])):
+        for rank, rank_results in enumerate(pools(world).run(_vae_decode_case, shapes, timeout=300)):
+            for (frames, height, _), result in zip(shapes, rank_results):
+                assert result["close"] is None, (world, rank, result)
+                band = -(-height // world) if rank < height % world or height % world == 0 else height // world
+                assert result["bands"] == [band] and not result["active"], (world, rank, result)
+                assert result["shape"][2] == 4 * frames - 3
