@@ -276,3 +276,86 @@ def test_vae_decode_split_by_rows_equals_serial(pools):
                 band = -(-height // world) if rank < height % world or height % world == 0 else height // world
                 assert result["bands"] == [band] and not result["active"], (world, rank, result)
                 assert result["shape"][2] == 4 * frames - 3
+
+
+# ---- bench and serve with a video model ------------------------------------------------------
+
+
+def test_bench_reports_seconds_per_video(tmp_path, capsys):
+    import json
+
+    from ditmesh.cli import main
+
+    report = tmp_path / "bench.json"
+    code = main(["bench", "--model", "tiny-wan", "--parallel", "serial", "--frames", "5", "--steps", "2", "--height", "32",
+                 "--width", "32", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(report)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "tiny-wan, 2 steps, 5 frames" in printed and "| s/video | videos/s |" in printed
+    (row,) = json.loads(report.read_text())["rows"]
+    assert (row["videos"], row["frames"], row["max_pixel_diff"]) == (1, 5, 0)
+    assert row["s_per_video"] == row["median_s"] > 0
+
+
+class _VideoRunner:
+    """What the app uses of a runner, answering as `DiffusionWorker` does for a video model: step
+    events, then ``{"videos": [[PIL frame, ...]], ...}`` with `num_frames` frames."""
+
+    world_size, device_type, pids, alive, is_running, needs_restart = 1, "cpu", [0], [True], True, False
+    INFO = dict(model="tiny-wan", family="wan", pipeline="WanPipeline", size_multiple=16, default_size=32,
+                parallel="serial", dtype="float32", video=True)
+
+    async def start(self, **kwargs):
+        pass
+
+    async def stop(self):
+        pass
+
+    async def invoke(self, payload, timeout=None):
+        if payload.get("describe"):
+            return self.INFO
+        from PIL import Image
+
+        frames = [Image.new("RGB", (payload["width"], payload["height"]), (30 * i, 0, 0)) for i in range(payload["num_frames"])]
+        return {"videos": [frames], "seed": payload["seed"], "seconds": 0.5}
+
+    async def stream(self, payload, as_text_events=False, timeout=None):
+        for step in range(payload["steps"]):
+            yield {"step": step + 1, "of": payload["steps"]}
+        yield await self.invoke(payload)
+
+
+def test_serve_answers_a_video_model_with_video_files_and_sse():
+    import asyncio
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from ditmesh.serve import ServeSettings
+    from ditmesh.serve.app import create_app
+
+    async def talk():
+        app = create_app(_VideoRunner(), {}, ServeSettings())
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                body = dict(prompt="a cat", height=32, width=48, steps=2, num_frames=5, seed=1)
+                answers = [await client.post("/v1/images/generations", json=dict(body, output_format=fmt))
+                           for fmt in ("gif", "png")]
+                streamed = await client.post("/v1/images/generations", json=dict(body, output_format="webp", stream=True))
+                refused = [await client.post("/v1/images/generations", json=dict(body, **change))
+                           for change in (dict(num_frames=6), dict(output_format="jpeg"))]
+        return answers, streamed, refused
+
+    answers, streamed, refused = asyncio.run(talk())
+    for answer, kind in zip(answers, ("GIF", "PNG")):
+        assert answer.status_code == 200, answer.text
+        data = answer.json()
+        assert (data["images"], data["frames"], data["fps"], data["width"], data["height"]) == ([], 5, 16, 48, 32)
+        with Image.open(io.BytesIO(base64.b64decode(data["videos"][0]))) as video:
+            assert (video.format, video.n_frames, video.size) == (kind, 5, (48, 32))
+    events = [line.split(": ", 1)[1] for line in streamed.text.splitlines() if line.startswith("event: ")]
+    assert events == ["step", "step", "result"]
+    assert [r.status_code for r in refused] == [422, 422]
+    assert "num_frames 6 is not 4k+1; use 5 or 9" in refused[0].text and "a video comes as png, gif, webp, mp4" in refused[1].text
