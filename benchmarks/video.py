@@ -251,7 +251,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict:
 
     notes = ["Targets (issue 32): Wan2.1-14B 720p, one rank of ulysses=8 <= 1/7.5 of the serial compiled step "
              "(serial / rank >= 7.5x) and a projected 8-GPU speed-up >= 7.0x.",
-             "Wan2.1-1.3B has 12 heads: ulysses=8 pads them to 16 (2 per rank, a third of the attention wasted); "
+             "Wan2.1-1.3B has 12 heads: ulysses=8 pads them to 16 (2 per rank: a third more attention work than 12/8); "
              "ring=2,ulysses=4 splits them 3 per rank with no padding."]
     if device.type == "cpu":
         notes.insert(0, "CPU --quick: tiny widths and sizes, fp32, eager: proves the script's logic; the times mean nothing.")
