@@ -29,6 +29,10 @@ Projection to W GPUs (per-rank compute measured here, exchange estimated):
 a multiple of U; ring: the k/v all-gather over the ring group; cross-attention to the text moves
 nothing.) alpha = 108 us, beta = 372 GB/s: fitted to P2P hops on 2 H200 (ring_schedule_h200_x2.md,
 as in scaling_projection.md); the beta = 450 GB/s column is NVLink 4's one-direction rate per GPU.
+
+`--vae` adds the Wan 2.1 VAE (diffusers' `AutoencoderKLWan` defaults, random fp32 weights) decoding the
+21 latent frames: serial vs rank 0 of 8 with the rows split (`ditmesh.parallel.vae.install_video`,
+fake group: halo rows and the gathered frames move nothing and are not modelled); peak GiB per rank.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ QUICK_MODELS = {"14B": dict(WAN21_14B_CONFIG, num_attention_heads=8, attention_h
 QUICK_SIZES = {"720p": (3, 8, 16), "480p": (3, 8, 8)}
 
 
-def planned_rows(full_depth: bool) -> list[tuple[str, str, str, bool]]:
+def planned_rows(full_depth: bool, vae: bool = False) -> list[tuple[str, str, str, bool]]:
     """(model, size, config, real depth) in the order they run: the judged comparison first."""
     rows = []
     for model, size in (("14B", "720p"), ("14B", "480p"), ("1.3B", "720p"), ("1.3B", "480p")):
@@ -77,6 +81,8 @@ def planned_rows(full_depth: bool) -> list[tuple[str, str, str, bool]]:
         if model == "1.3B":  # 12 heads: ulysses=8 pads to 16; ring=2 x ulysses=4 pads none
             rows.append((model, size, "ring=2,ulysses=4", False))
     rows += [("14B", "720p", "ulysses=4", False), ("14B", "720p", "ulysses=2", False), ("14B", "720p", "ring=8", False)]
+    if vae:  # the Wan 2.1 VAE decode of the 21 latent frames: serial vs one rank of 8 (rows split)
+        rows += [("VAE", size, config, True) for size in ("480p", "720p") for config in ("serial", "rows=8")]
     if full_depth:
         rows += [("14B", "720p", "serial", True), ("14B", "720p", "ulysses=8", True)]
     return rows
@@ -154,7 +160,39 @@ def timed(model: torch.nn.Module, kwargs: dict, device: torch.device) -> float:
     return (time.perf_counter() - begin) * 1e3
 
 
+def measure_vae(row: tuple, args: argparse.Namespace, device: torch.device) -> dict:
+    """One decode of 21 latent frames by the Wan 2.1 VAE (random fp32 weights, the real widths; tiny
+    with --quick): serial, or rank 0 of W in a fake group with its rows split (`vae.install_video`)."""
+    from diffusers import AutoencoderKLWan
+
+    from ditmesh.models.tiny import _tiny_wan_vae
+    from ditmesh.parallel import vae as parallel_vae
+
+    _, size, config_text, _ = row
+    world = 1 if config_text == "serial" else int(config_text.split("=")[1])
+    init_fake(world)
+    torch.manual_seed(0)
+    with torch.device(device):
+        vae = (_tiny_wan_vae() if args.quick else AutoencoderKLWan()).eval()
+    if world > 1:
+        parallel_vae.install_video(vae, dist.group.WORLD, min_latent_pixels=0)
+    latent = (QUICK_SIZES if args.quick else SIZES)[size]
+    z = torch.randn(1, vae.config.z_dim, *latent, generator=torch.Generator().manual_seed(2)).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():
+        decode = lambda **kw: vae.decode(z)  # noqa: E731
+        warmup_s = timed(decode, {}, device) / 1e3
+        step_ms = statistics.median(timed(decode, {}, device) for _ in range(args.repeats))
+    return dict(model="Wan2.1-VAE", size=size, config=config_text, world=world, layers=None, num_layers=None,
+                tokens=None, compiled=False, forward_ms=round(step_ms, 3), step_ms=round(step_ms, 3),
+                warmup_s=round(warmup_s, 2), peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                if device.type == "cuda" else None)
+
+
 def measure(row: tuple, args: argparse.Namespace, device: torch.device) -> dict:
+    if row[0] == "VAE":
+        return measure_vae(row, args, device)
     model_name, size, config_text, real_depth = row
     spec = (QUICK_MODELS if args.quick else MODELS)[model_name]
     latent = (QUICK_SIZES if args.quick else SIZES)[size]
@@ -215,6 +253,8 @@ def add_projection(rows: list[dict]) -> None:
         if base is None:
             continue
         r["serial_over_rank"] = round(base / r["step_ms"], 3)
+        if r["model"] == "Wan2.1-VAE":  # halo rows and the gathered frames: not modelled
+            continue
         r["comm_ms"] = round(comm_ms(r, ALPHA_S, BETA_BPS), 2)
         r["projected_speedup"] = round(base / (r["step_ms"] + r["comm_ms"]), 3)
         r["projected_speedup_nvlink"] = round(base / (r["step_ms"] + comm_ms(r, ALPHA_S, BETA_NVLINK_BPS)), 3)
@@ -237,8 +277,9 @@ def markdown(rows: list[dict], env: dict) -> str:
              "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         x = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
-        lines.append(f"| {r['model']} | {r['size']} | {r.get('tokens', '')} | {r['config']} "
-                     f"| {r.get('layers', '')}/{r.get('num_layers', '')} | {fmt(r.get('step_ms'), '.1f')} "
+        depth = "" if r.get("layers") is None else f"{r['layers']}/{r['num_layers']}"
+        lines.append(f"| {r['model']} | {r['size']} | {r.get('tokens') or ''} | {r['config']} "
+                     f"| {depth} | {fmt(r.get('step_ms'), '.1f')} "
                      f"| {x(r.get('serial_over_rank'))} | {fmt(r.get('comm_ms'), '.1f')} | {x(r.get('projected_speedup'))} "
                      f"| {x(r.get('projected_speedup_nvlink'))} | {fmt(r.get('warmup_s'), '.1f')} "
                      f"| {fmt(r.get('peak_gib'), '.1f')} | {r.get('error', '')} |")
@@ -285,6 +326,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="blocks built and timed (0: the real depth)")
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per row after the warm-up (median)")
     parser.add_argument("--eager", action="store_true", help="no torch.compile (default on CUDA: compiled)")
+    parser.add_argument("--vae", action="store_true",
+                        help="also the Wan 2.1 VAE decode (fp32) at 480p and 720p: serial vs one rank of 8 (rows split)")
     parser.add_argument("--full-depth", action="store_true", help="also 14B 720p serial and ulysses=8 at all 40 blocks, last")
     parser.add_argument("--only", default="", help="run only rows whose 'model size config' contains this")
     parser.add_argument("--budget-s", type=float, default=600.0, help="start no row after this many seconds")
@@ -300,8 +343,8 @@ def main() -> None:
         torch.cuda.set_device(device)
     tag = args.tag or ("cpu_quick" if device.type == "cpu" else torch.cuda.get_device_name(device).split()[-1].lower())
     stem, env, rows = args.out / f"video_{tag}", environment(args, device), []
-    for row in planned_rows(args.full_depth):
-        label = f"{row[0]} {row[1]} {row[2]}" + (" full depth" if row[3] else "")
+    for row in planned_rows(args.full_depth, args.vae):
+        label = f"{row[0]} {row[1]} {row[2]}" + (" full depth" if row[3] and row[0] != "VAE" else "")
         if args.only and args.only not in label:
             continue
         if time.time() - started > args.budget_s:
