@@ -86,20 +86,25 @@ def apply(pipe: Any, mesh: ParallelMesh, adapter: Any) -> RowSplit | None:
     return install(vae, group)
 
 
-def install(vae: nn.Module, group: dist.ProcessGroup, min_latent_pixels: int = MIN_LATENT_PIXELS) -> RowSplit | None:
-    """Make `vae` (a diffusers `AutoencoderKL`) decode and encode split by rows over `group`.
+def install(vae: nn.Module, group: dist.ProcessGroup, min_latent_pixels: int | None = None) -> RowSplit | None:
+    """Make `vae` (a diffusers `AutoencoderKL`) decode and encode split by rows over `group`; a
+    causal video VAE (`AutoencoderKLWan`) decodes split (`install_video`).
 
     Every rank of `group` must call the VAE with the same latent (image) shapes. Returns the
     shared `RowSplit` (None, with a warning, when the VAE holds a module this file cannot split:
     it then stays serial). Installing again on the same VAE only changes the group and threshold.
+    `min_latent_pixels` None: `MIN_LATENT_PIXELS` (`MIN_VIDEO_LATENT_PIXELS` for a video VAE).
     """
+    video = _is_causal_video(vae)
+    if min_latent_pixels is None:
+        min_latent_pixels = MIN_VIDEO_LATENT_PIXELS if video else MIN_LATENT_PIXELS
     split = row_split(vae)
     if split is not None:
         split.set_group(group)
         split.min_latent_pixels = min_latent_pixels
         return split
-    if _is_causal_video(vae):
-        return install_video(vae, group, min(min_latent_pixels, MIN_VIDEO_LATENT_PIXELS))
+    if video:
+        return install_video(vae, group, min_latent_pixels)
     parts = [getattr(vae, name, None) for name in ("encoder", "decoder")]
     problems = [problem for part in parts if part is not None for problem in _unsupported(part)]
     if problems or all(part is None for part in parts):
@@ -398,7 +403,7 @@ def _wrap(part: nn.Module, split: RowSplit) -> None:
 MIN_VIDEO_LATENT_PIXELS = 32 * 32
 """Smallest latent frame (height x width) a video VAE splits: each decoder call decodes one latent
 frame into four video frames, several times an image's work per latent pixel (Wan at 480p:
-60 x 104 latents per frame, 21 calls)."""
+60 x 104 latents per frame, 21 calls). A guess, not measured yet (`benchmarks/video.py --vae`)."""
 
 # Wan decoder modules whose forward only chains its children and position-wise ops (channel
 # RMS norm, nearest up-sampling, reshapes between frames and channels, adds, the clamp).
