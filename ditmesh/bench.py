@@ -6,7 +6,9 @@ generations (process groups, kernels and, on CUDA, the compile of the first call
 `repeats` timed ones with the same seed. A row reports the generation time measured on rank 0
 (median and best), the speed-up against the first config that ran, and the largest pixel
 difference of its first image from that config's. Data parallelism makes more images per call,
-so images per second is the throughput to compare there. A config that cannot run gets the
+so images per second is the throughput to compare there. A video model (Wan) reports videos:
+its rows give the seconds per video and videos per second, and the pixel difference covers every
+frame of the first video. A config that cannot run gets the
 `ValueError` that names the fix in its row, and the others still run.
 """
 
@@ -60,28 +62,34 @@ async def _time_config(config, setup, payload, repeats, warmup, device_type, wor
         row["refused"] = error.message
         return row, None
     seconds = [r["seconds"] for r in results]
-    images = len(results[0]["images"])
-    row.update(median_s=statistics.median(seconds), best_s=min(seconds), images=images,
-               images_per_s=images / statistics.median(seconds), device=runner.device_type)
-    return row, results[0]["images"][0]
+    kind = "videos" if "videos" in results[0] else "images"  # a video is a list of PIL frames
+    outputs = results[0][kind]
+    row.update(median_s=statistics.median(seconds), best_s=min(seconds), **{kind: len(outputs)},
+               **{f"{kind}_per_s": len(outputs) / statistics.median(seconds)}, device=runner.device_type)
+    if kind == "videos":
+        row.update(frames=len(outputs[0]), s_per_video=statistics.median(seconds) / len(outputs))
+    return row, outputs[0]
 
 
 def _pixel_diff(image: Any, reference: Any) -> int | None:
-    a, b = np.asarray(image, dtype=np.int16), np.asarray(reference, dtype=np.int16)
+    """Largest pixel difference of two images (or two videos: lists of frames), None if sizes differ."""
+    a, b = (np.stack([np.asarray(x, dtype=np.int16) for x in (v if isinstance(v, list) else [v])]) for v in (image, reference))
     return int(np.abs(a - b).max()) if a.shape == b.shape else None
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a markdown table."""
-    lines = ["| config | processes | median s | best s | speed-up | images/s | max pixel diff |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """The rows as a markdown table (video rows: seconds per video and videos per second)."""
+    video = any("videos" in r for r in rows)
+    lines = [f"| config | processes | median s | best s | speed-up | {'s/video | videos/s' if video else 'images/s'} "
+             "| max pixel diff |", "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if video else "")]
     for r in rows:
         if "refused" in r:
-            lines.append(f"| {r['config']} | {r['processes']} | refused: {r['refused']} | | | | |")
+            lines.append(f"| {r['config']} | {r['processes']} | refused: {r['refused']} | | | |{' |' if video else ''}")
             continue
         diff = "n/a (size)" if r["max_pixel_diff"] is None else str(r["max_pixel_diff"])
+        rate = f"{r['s_per_video']:.3f} | {r['videos_per_s']:.3f}" if video else f"{r['images_per_s']:.2f}"
         lines.append(f"| {r['config']} | {r['processes']} | {r['median_s']:.3f} | {r['best_s']:.3f} | "
-                     f"{r['speedup']:.2f}x | {r['images_per_s']:.2f} | {diff} |")
+                     f"{r['speedup']:.2f}x | {rate} | {diff} |")
     return "\n".join(lines)
 
 

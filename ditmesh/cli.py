@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--height", type=int, default=None)
     bench.add_argument("--width", type=int, default=None)
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--frames", type=int, default=None,
+                       help="video models (Wan): frames, 4k+1 (default: the pipeline's; 9 for tiny-wan); rows then "
+                            "give seconds per video")
     bench.add_argument("--repeats", type=int, default=3, help="timed generations per config (median)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed generations per config first (compile, caches)")
     bench.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -290,17 +293,20 @@ def _bench(args: argparse.Namespace) -> int:
                    width=args.width, seed=args.seed)
     if args.true_cfg_scale is not None:
         payload["true_cfg_scale"] = args.true_cfg_scale
+    if args.frames is not None:
+        payload["num_frames"] = args.frames
     setup = dict(model=args.model, dtype=args.dtype, cuda_graphs=True if args.cuda_graphs else None, **_speed_setup(args))
     rows = [dict(row, config=f"{engine} {row['config']}" if len(engines) > 1 else row["config"])
             for engine, worker in engines.items()
             for row in bench.run_configs(configs, _engine_setup(engine, args, setup), payload, repeats=args.repeats, worker=worker,
                                          warmup=args.warmup, device_type=None if args.device == "auto" else args.device)]
-    print(f"{args.model}, {args.steps} steps, {args.dtype}; generation time on rank 0, median of {args.repeats}")
+    frames = next((f", {row['frames']} frames" for row in rows if "frames" in row), "")
+    print(f"{args.model}, {args.steps} steps{frames}, {args.dtype}; generation time on rank 0, median of {args.repeats}")
     print(bench.table(rows))
     if args.json:
         import json
 
-        report = dict(model=args.model, steps=args.steps, dtype=args.dtype, height=args.height, width=args.width,
+        report = dict(model=args.model, steps=args.steps, frames=args.frames, dtype=args.dtype, height=args.height, width=args.width,
                       repeats=args.repeats, warmup=args.warmup, compile_on_gpu=not args.eager, environment=bench.environment(),
                       rows=rows)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

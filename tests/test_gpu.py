@@ -465,6 +465,48 @@ def test_bench_puts_both_engines_side_by_side(tmp_path):
     assert "| ditmesh serial |" in out and "| xfuser serial |" in out
 
 
+
+@pytest.mark.timeout(600)
+def test_serve_with_the_xfuser_engine_streams_steps_then_the_image(tmp_path):
+    # `ditmesh serve --engine xfuser` on one GPU: a streamed request gets one `step` event per
+    # denoising step, then the `result` with a PNG of the asked size.
+    import base64
+    import io
+    import json
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+    from PIL import Image
+
+    _xfuser_or_skip()
+    folder = tmp_path / "tiny-flux"
+    tiny_pipeline("tiny-flux").save_pretrained(folder)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", NCCL_NVLS_ENABLE="0", PYTHONUNBUFFERED="1")
+    server = subprocess.Popen([sys.executable, "-m", "ditmesh.cli", "serve", "--engine", "xfuser", "--model", str(folder),
+                               "--parallel", "serial", "--eager", "--port", "0"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    try:
+        for line in server.stdout:  # bounded by the test's timeout
+            output.append(line)
+            if match := re.search(r"ready on (http://127\.0\.0\.1:\d+)", line):
+                break
+        else:
+            pytest.fail("the server exited before it was ready:\n" + "".join(output[-40:]))
+        body = dict(prompt=PROMPT, steps=3, height=128, width=128, seed=0, stream=True)
+        answer = httpx.post(match.group(1) + "/v1/images/generations", json=body, timeout=300)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    events = re.findall(r"event: (\w+)\ndata: (.*)", answer.text)
+    print(f"\nXFUSER-SERVE events: {[name for name, _ in events]}")
+    assert [name for name, _ in events] == ["step", "step", "step", "result"], answer.text[-2000:]
+    image = Image.open(io.BytesIO(base64.b64decode(json.loads(events[-1][1])["images"][0])))
+    assert (image.format, image.size) == ("PNG", (128, 128))
+
 if __name__ == "__main__":  # a torchrun rank of test_every_strategy_on_nccl_matches_serial
     import sys
 

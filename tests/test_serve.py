@@ -288,7 +288,7 @@ BAD_BODIES = [
     (dict(BASE, prompt=5), "prompt", "prompt: Input should be a valid string"),
     (dict(BASE, prompt=["a", "b"]), "prompt", "prompt: Input should be a valid string"),
     ({"steps": 2}, "prompt", "prompt is required"),
-    (dict(BASE, output_format="gif"), "output_format", "output_format: Input should be 'png' or 'jpeg'"),
+    (dict(BASE, output_format="gif"), "output_format", "gif is a video format; this server's flux model makes images: use png or jpeg"),
     (dict(BASE, num_images=100), "num_images", "num_images: Input should be less than or equal to 8"),
     (dict(BASE, true_cfg_scale=4.0), "true_cfg_scale", "true_cfg_scale needs a negative_prompt"),
     (dict(BASE, seed=-1), "seed", "seed: Input should be greater than or equal to 0"),

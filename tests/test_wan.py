@@ -235,3 +235,127 @@ def test_save_video_formats(tmp_path):
             assert (video.format, video.n_frames) == (kind, 9)
     with pytest.raises(ValueError, match="use a .mp4, .gif, .webp"):
         save_video(frames, tmp_path / "v.avi")
+
+
+# ---- the parallel VAE decode (AutoencoderKLWan: causal 3-D convs, per-frame feature cache) ----
+
+
+def _vae_decode_case(shapes: list[tuple[int, int, int]]) -> list[dict]:
+    """Serial vs row-split decode of the tiny Wan VAE for latents (frames, height, width), and the
+    band of latent rows each decoder call saw on this rank."""
+    import torch.distributed as dist
+
+    from ditmesh.models.tiny import WAN_LATENT_CHANNELS, _tiny_wan_vae
+    from ditmesh.parallel import vae as parallel_vae
+
+    torch.manual_seed(0)
+    vae = _tiny_wan_vae()
+    results = []
+    with torch.no_grad():
+        latents = [torch.randn(1, WAN_LATENT_CHANNELS, *shape, generator=torch.Generator().manual_seed(sum(shape)))
+                   for shape in shapes]
+        expected = [vae.decode(z).sample for z in latents]
+        split = parallel_vae.install(vae, dist.group.WORLD, min_latent_pixels=0)
+        bands = []
+        vae.decoder.conv_in.register_forward_pre_hook(lambda module, args: bands.append(args[0].shape[-2]))
+        for z, serial in zip(latents, expected):
+            bands.clear()
+            out = vae.decode(z).sample
+            results.append(dict(close=_close(out, serial), error=(out - serial).abs().max().item(), bands=sorted(set(bands)),
+                                shape=tuple(out.shape), active=split.active))
+    return results
+
+
+def test_vae_decode_split_by_rows_equals_serial(pools):
+    # 3 latent frames (9 video frames: the causal cache carries rows across calls); 7 latent rows
+    # split 4 + 3 at world 2 and 2 + 2 + 2 + 1 at world 4; one latent row per rank at world 4.
+    for world, shapes in ((2, [(3, 7, 6)]), (4, [(3, 7, 5), (2, 4, 4)])):
+        for rank, rank_results in enumerate(pools(world).run(_vae_decode_case, shapes, timeout=300)):
+            for (frames, height, _), result in zip(shapes, rank_results):
+                assert result["close"] is None, (world, rank, result)
+                band = -(-height // world) if rank < height % world or height % world == 0 else height // world
+                assert result["bands"] == [band] and not result["active"], (world, rank, result)
+                assert result["shape"][2] == 4 * frames - 3
+
+
+# ---- bench and serve with a video model ------------------------------------------------------
+
+
+def test_bench_reports_seconds_per_video(tmp_path, capsys):
+    import json
+
+    from ditmesh.cli import main
+
+    report = tmp_path / "bench.json"
+    code = main(["bench", "--model", "tiny-wan", "--parallel", "serial", "--frames", "5", "--steps", "2", "--height", "32",
+                 "--width", "32", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(report)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "tiny-wan, 2 steps, 5 frames" in printed and "| s/video | videos/s |" in printed
+    (row,) = json.loads(report.read_text())["rows"]
+    assert (row["videos"], row["frames"], row["max_pixel_diff"]) == (1, 5, 0)
+    assert row["s_per_video"] == row["median_s"] > 0
+
+
+class _VideoRunner:
+    """What the app uses of a runner, answering as `DiffusionWorker` does for a video model: step
+    events, then ``{"videos": [[PIL frame, ...]], ...}`` with `num_frames` frames."""
+
+    world_size, device_type, pids, alive, is_running, needs_restart = 1, "cpu", [0], [True], True, False
+    INFO = dict(model="tiny-wan", family="wan", pipeline="WanPipeline", size_multiple=16, default_size=32,
+                parallel="serial", dtype="float32", video=True)
+
+    async def start(self, **kwargs):
+        pass
+
+    async def stop(self):
+        pass
+
+    async def invoke(self, payload, timeout=None):
+        if payload.get("describe"):
+            return self.INFO
+        from PIL import Image
+
+        frames = [Image.new("RGB", (payload["width"], payload["height"]), (30 * i, 0, 0)) for i in range(payload["num_frames"])]
+        return {"videos": [frames], "seed": payload["seed"], "seconds": 0.5}
+
+    async def stream(self, payload, as_text_events=False, timeout=None):
+        for step in range(payload["steps"]):
+            yield {"step": step + 1, "of": payload["steps"]}
+        yield await self.invoke(payload)
+
+
+def test_serve_answers_a_video_model_with_video_files_and_sse():
+    import asyncio
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from ditmesh.serve import ServeSettings
+    from ditmesh.serve.app import create_app
+
+    async def talk():
+        app = create_app(_VideoRunner(), {}, ServeSettings())
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                body = dict(prompt="a cat", height=32, width=48, steps=2, num_frames=5, seed=1)
+                answers = [await client.post("/v1/images/generations", json=dict(body, output_format=fmt))
+                           for fmt in ("gif", "png")]
+                streamed = await client.post("/v1/images/generations", json=dict(body, output_format="webp", stream=True))
+                refused = [await client.post("/v1/images/generations", json=dict(body, **change))
+                           for change in (dict(num_frames=6), dict(output_format="jpeg"))]
+        return answers, streamed, refused
+
+    answers, streamed, refused = asyncio.run(talk())
+    for answer, kind in zip(answers, ("GIF", "PNG")):
+        assert answer.status_code == 200, answer.text
+        data = answer.json()
+        assert (data["images"], data["frames"], data["fps"], data["width"], data["height"]) == ([], 5, 16, 48, 32)
+        with Image.open(io.BytesIO(base64.b64decode(data["videos"][0]))) as video:
+            assert (video.format, video.n_frames, video.size) == (kind, 5, (48, 32))
+    events = [line.split(": ", 1)[1] for line in streamed.text.splitlines() if line.startswith("event: ")]
+    assert events == ["step", "step", "result"]
+    assert [r.status_code for r in refused] == [422, 422]
+    assert "num_frames 6 is not 4k+1; use 5 or 9" in refused[0].text and "a video comes as png, gif, webp, mp4" in refused[1].text

@@ -77,6 +77,7 @@ ADAPTER = register(
         extra_denoisers=("transformer_2",),
         per_prompt_arg="num_videos_per_prompt",
         size_multiple=16,  # VAE 8 x patch 2
+        vae_attr="vae",  # AutoencoderKLWan: decoded split by rows (parallel/vae.py, install_video)
         # Two denoiser calls per step, cond then uncond, on by guidance_scale > 1 (the empty
         # negative prompt is the default).
         cfg_mode="sequential",

@@ -20,6 +20,15 @@ Nothing of diffusers' VAE is copied; its modules are wrapped where rows meet:
   all-gathered, so each rank's queries see every token;
 - nearest up-sampling, 1x1 convolutions, activations and the residual adds are row-local.
 
+Video VAEs built of causal 3-D convolutions (diffusers' `AutoencoderKLWan`: Wan 2.1 / 2.2) decode
+split the same way, frame chunk by frame chunk as the VAE's own loop calls its decoder
+(`install_video`): each rank keeps its rows of every frame, its per-frame feature cache holds only
+its rows, and a 3-D convolution exchanges the edge rows of the cached and the new frames together.
+Its norm (`WanRMS_norm`) normalises over channels at each position, so it is row-local and needs no
+statistics from other ranks; the mid-block's single-head attention (per frame, at latent
+resolution) all-gathers its keys and values. The encoder stays serial (image-to-video encodes one
+frame).
+
 Bands may differ by a row (`data.shard`), so any latent height of at least one row per rank
 works. Tiling (`vae.enable_tiling()`) composes: every tile the VAE decodes is split over the ranks,
 so the result equals the serial tiled decode and memory drops by both factors. The split runs
@@ -77,18 +86,25 @@ def apply(pipe: Any, mesh: ParallelMesh, adapter: Any) -> RowSplit | None:
     return install(vae, group)
 
 
-def install(vae: nn.Module, group: dist.ProcessGroup, min_latent_pixels: int = MIN_LATENT_PIXELS) -> RowSplit | None:
-    """Make `vae` (a diffusers `AutoencoderKL`) decode and encode split by rows over `group`.
+def install(vae: nn.Module, group: dist.ProcessGroup, min_latent_pixels: int | None = None) -> RowSplit | None:
+    """Make `vae` (a diffusers `AutoencoderKL`) decode and encode split by rows over `group`; a
+    causal video VAE (`AutoencoderKLWan`) decodes split (`install_video`).
 
     Every rank of `group` must call the VAE with the same latent (image) shapes. Returns the
     shared `RowSplit` (None, with a warning, when the VAE holds a module this file cannot split:
     it then stays serial). Installing again on the same VAE only changes the group and threshold.
+    `min_latent_pixels` None: `MIN_LATENT_PIXELS` (`MIN_VIDEO_LATENT_PIXELS` for a video VAE).
     """
+    video = _is_causal_video(vae)
+    if min_latent_pixels is None:
+        min_latent_pixels = MIN_VIDEO_LATENT_PIXELS if video else MIN_LATENT_PIXELS
     split = row_split(vae)
     if split is not None:
         split.set_group(group)
         split.min_latent_pixels = min_latent_pixels
         return split
+    if video:
+        return install_video(vae, group, min_latent_pixels)
     parts = [getattr(vae, name, None) for name in ("encoder", "decoder")]
     problems = [problem for part in parts if part is not None for problem in _unsupported(part)]
     if problems or all(part is None for part in parts):
@@ -380,3 +396,129 @@ def _wrap(part: nn.Module, split: RowSplit) -> None:
             module.to_v.register_forward_hook(_gather_tokens(split))
         if isinstance(module, (RowConv2d, RowGroupNorm)):
             module._row_split = split
+
+
+# ---- video VAEs: causal 3-D convolutions with a per-frame feature cache (Wan) ----------------
+
+MIN_VIDEO_LATENT_PIXELS = 32 * 32
+"""Smallest latent frame (height x width) a video VAE splits: each decoder call decodes one latent
+frame into four video frames, several times an image's work per latent pixel (Wan at 480p:
+60 x 104 latents per frame, 21 calls). A guess, not measured yet (`benchmarks/video.py --vae`)."""
+
+# Wan decoder modules whose forward only chains its children and position-wise ops (channel
+# RMS norm, nearest up-sampling, reshapes between frames and channels, adds, the clamp).
+VIDEO_ROW_LOCAL = ("WanDecoder3d", "WanMidBlock", "WanUpBlock", "WanResidualBlock", "WanResample", "WanRMS_norm",
+                   "WanUpsample", "ModuleList", "Sequential")
+
+
+def install_video(vae: nn.Module, group: dist.ProcessGroup, min_latent_pixels: int = MIN_VIDEO_LATENT_PIXELS) -> RowSplit | None:
+    """Make a causal video VAE's decoder (`AutoencoderKLWan`) decode split by rows over `group`;
+    its encoder stays serial. Every rank must decode the same latent shapes. None, with a
+    warning, when the decoder holds a module this file cannot split."""
+    decoder = getattr(vae, "decoder", None)
+    problems = _video_unsupported(decoder) if decoder is not None else ["no decoder"]
+    if problems:
+        warnings.warn(f"the VAE stays serial: {'; '.join(problems)}", stacklevel=3)
+        return None
+    split = RowSplit(group, min_latent_pixels)
+    for module in decoder.modules():
+        swap = _video_swap(module)
+        if swap is not None:
+            module.__class__ = swap
+            module._row_split = split
+    # The VAE's loop calls the decoder once per latent frame (B, C, 1, h, w): each call is cut to
+    # this rank's rows and its video frames (B, 3, 1 or 4, 8h, 8w) gathered whole.
+    decoder.register_forward_pre_hook(split.split_latent, with_kwargs=True)
+    decoder.register_forward_hook(split.gather_rows, always_call=True)
+    vae._ditmesh_row_split = split
+    return split
+
+
+def _is_causal_video(vae: nn.Module) -> bool:
+    """Whether `vae`'s decoder is built of causal 3-D convolutions (a feature-cached video VAE)."""
+    decoder = getattr(vae, "decoder", None)
+    return decoder is not None and any(isinstance(m, nn.Conv3d) and hasattr(m, "_padding") for m in decoder.modules())
+
+
+class RowCausalConv3d(nn.Conv3d):
+    """Mixin forward for Wan's `WanCausalConv3d` (``_padding``: (w, w, h, h, 2 t, 0), applied by
+    its forward with the cached frames prepended): during a split call the h padding rows are the
+    neighbours' edge rows of the cached and the new frames (zeros at the video's top and bottom)."""
+
+    _row_split: RowSplit
+    _padding: tuple[int, ...]
+
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        split, p = self._row_split, self._padding[2]
+        if not split.active or p == 0:
+            return super().forward(x, cache_x)
+        padding = list(self._padding)
+        if cache_x is not None and padding[4] > 0:  # the frames the causal kernel reads before x
+            x = torch.cat([cache_x.to(x.device), x], dim=2)
+            padding[4] -= cache_x.shape[2]
+        top, bottom = split.start_halo(x, p)()  # (B, C, T, p, W) each, None at the video's edges
+        x = torch.cat([_or_zeros(top, x, p), x, _or_zeros(bottom, x, p)], dim=-2)
+        padding[2] = padding[3] = 0
+        return F.conv3d(F.pad(x, padding), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class RowVideoAttention(nn.Module):
+    """Mixin forward for Wan's mid-block `WanAttentionBlock` (one head over each frame's h x w
+    tokens, q/k/v from a 1x1 conv): during a split call the keys and values of every rank's rows
+    are all-gathered, so the local queries see the whole frame."""
+
+    _row_split: RowSplit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        split = self._row_split
+        if not split.active:
+            return super().forward(x)
+        batch, channels, frames, height, width = x.shape
+        frames_x = self.norm(x.transpose(1, 2).reshape(batch * frames, channels, height, width))
+        qkv = self.to_qkv(frames_x).flatten(2).transpose(1, 2)[:, None]  # (B*T, 1, h*w, 3C), tokens row-major
+        q, k, v = qkv.chunk(3, dim=-1)
+        scale = height // split.latent_rows[split.rank]  # rows here per latent row (1: it runs at latent size)
+        sizes = [rows * scale * width for rows in split.latent_rows]
+        k, v = (gather_rows(t.contiguous(), 2, sizes, split.group) for t in (k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B*T, 1, h*w, C)
+        out = self.proj(out[:, 0].transpose(1, 2).reshape(batch * frames, channels, height, width))
+        return out.view(batch, frames, channels, height, width).transpose(1, 2) + x
+
+
+_VIDEO_SWAPS: dict[type, type] = {}
+
+
+def _video_swap(module: nn.Module) -> type | None:
+    """The class `module` becomes for a split video decode (its own class with a row-split
+    forward mixed in; same parameters and state-dict keys), or None where it stays."""
+    kind = type(module)
+    if kind.__name__ == "WanCausalConv3d":
+        mixin = RowCausalConv3d
+    elif kind.__name__ == "WanAttentionBlock":
+        mixin = RowVideoAttention
+    elif kind is nn.Conv2d and _is_halo_conv(module):  # the up-samplers' per-frame 3x3 conv
+        return RowConv2d
+    else:
+        return None
+    if kind not in _VIDEO_SWAPS:
+        _VIDEO_SWAPS[kind] = type(f"Row{kind.__name__}", (mixin, kind), {})
+    return _VIDEO_SWAPS[kind]
+
+
+def _video_unsupported(decoder: nn.Module) -> list[str]:
+    """Why a video decoder cannot be split by rows: [] when it can."""
+    problems = []
+    for name, module in decoder.named_modules():
+        kind = type(module).__name__
+        if kind == "WanCausalConv3d":
+            if module.stride != (1, 1, 1) or module.dilation != (1, 1, 1) or module._padding[2] * 2 + 1 != module.kernel_size[1]:
+                problems.append(f"{name}: causal conv {module}")
+        elif kind == "WanResample":
+            if module.mode not in ("upsample2d", "upsample3d"):
+                problems.append(f"{name}: WanResample {module.mode}")
+        elif isinstance(module, nn.Conv2d):
+            if not (_is_halo_conv(module) or _is_pointwise(module)):
+                problems.append(f"{name}: conv {module}")
+        elif kind not in VIDEO_ROW_LOCAL + ("WanAttentionBlock",) and not isinstance(module, ROW_LOCAL_LEAVES):
+            problems.append(f"{name}: {kind}")
+    return problems

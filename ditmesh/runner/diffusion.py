@@ -194,7 +194,7 @@ def _model_info(pipe: Any, model: str, config: ParallelConfig, dtype: str, defau
         default_size = pipe.default_sample_size * pipe.vae_scale_factor
     return {"model": model, "family": adapter.name, "pipeline": type(pipe).__name__,
             "size_multiple": adapter.size_multiple, "default_size": default_size, "parallel": str(config),
-            "dtype": str(dtype)}
+            "dtype": str(dtype), "video": adapter.per_prompt_arg == "num_videos_per_prompt"}
 
 
 def latent_preview(latents: torch.Tensor, height: int | None = None, width: int | None = None) -> Any:

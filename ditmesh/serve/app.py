@@ -245,6 +245,8 @@ async def _events(state: Any, job: _Job) -> AsyncIterator[str]:
 
 async def _response_body(state: Any, job: _Job, result: dict[str, Any]) -> dict[str, Any]:
     state.metrics.mesh_seconds.observe(job.finished - job.started)
+    if "videos" in result:
+        return await _video_body(state, job, result)
     encoding = time.perf_counter()
     images = result["images"]
     if sum(image.width * image.height for image in images) <= INLINE_ENCODE_PIXELS:
@@ -258,6 +260,20 @@ async def _response_body(state: Any, job: _Job, result: dict[str, Any]) -> dict[
     return {"images": encoded, "output_format": job.request.output_format, "width": first.width,
             "height": first.height, "seed": job.seed, "model": state.info["model"],
             "timings": {key: round(value, 6) for key, value in timings.items()}}
+
+
+async def _video_body(state: Any, job: _Job, result: dict[str, Any]) -> dict[str, Any]:
+    """The response of a video model: each video (a list of PIL frames) one base64 file."""
+    encoding = time.perf_counter()
+    request, videos = job.request, result["videos"]
+    encoded = await asyncio.to_thread(lambda: [encode_video(frames, request.output_format, request.fps) for frames in videos])
+    done = time.perf_counter()
+    first = videos[0][0]
+    timings = {"queued_s": job.started - job.arrived, "mesh_s": job.finished - job.started,
+               "generation_s": result.get("seconds", 0.0), "encode_s": done - encoding, "total_s": done - job.arrived}
+    return {"images": [], "videos": encoded, "frames": len(videos[0]), "fps": request.fps,
+            "output_format": request.output_format, "width": first.width, "height": first.height, "seed": job.seed,
+            "model": state.info["model"], "timings": {key: round(value, 6) for key, value in timings.items()}}
 
 
 async def _unless_client_leaves(request: Request, work: Awaitable[Any]) -> Any:
@@ -326,6 +342,27 @@ def encode_images(images: list[Any], output_format: str) -> list[str]:
             image.save(buffer, format="PNG", compress_level=1)
         encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
     return encoded
+
+
+def encode_video(frames: list[Any], output_format: str, fps: int) -> str:
+    """PIL frames as one base64 video file: mp4 through diffusers' `export_to_video` (imageio-ffmpeg),
+    png (animated), gif and webp by PIL, as `ditmesh generate -o` writes them."""
+    if output_format == "mp4":
+        import tempfile
+        from pathlib import Path
+
+        from diffusers.utils import export_to_video
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "video.mp4"
+            export_to_video(frames, str(path), fps=fps)
+            data = path.read_bytes()
+    else:
+        buffer = io.BytesIO()
+        frames[0].save(buffer, format=output_format.upper(), save_all=True, append_images=frames[1:],
+                       duration=round(1000 / fps), loop=0)
+        data = buffer.getvalue()
+    return base64.b64encode(data).decode("ascii")
 
 
 # ---------------------------------------------------------------- guards

@@ -3,6 +3,7 @@ the model (size multiple, family) on top of the field types and ranges pydantic 
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,6 +15,9 @@ MAX_SIDE = 4096
 MAX_STEPS = 200
 MAX_IMAGES = 8
 MAX_SEED = 2**32 - 1
+MAX_FRAMES = 257
+IMAGE_FORMATS = ("png", "jpeg")
+VIDEO_FORMATS = ("png", "gif", "webp", "mp4")  # png: an animated PNG (APNG)
 
 
 class GenerationRequest(BaseModel):
@@ -35,7 +39,12 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; default: a random seed, "
                                                                  "returned in the response")
     num_images: int = Field(1, ge=1, le=MAX_IMAGES, description="images for the prompt")
-    output_format: Literal["png", "jpeg"] = Field("png", description="encoding of the returned images")
+    output_format: Literal["png", "jpeg", "gif", "webp", "mp4"] = Field(
+        "png", description="encoding of the returned files: images png or jpeg; videos png (animated), gif, webp or "
+                           "mp4 (mp4 needs ditmesh[video] on the server)")
+    num_frames: int | None = Field(None, ge=1, le=MAX_FRAMES,
+                                   description="video models (Wan): frames, 4k+1; default: the model's")
+    fps: int = Field(16, ge=1, le=60, description="video models: frames per second of the returned files")
     stream: bool = Field(False, description="server-sent events (as with Accept: text/event-stream)")
     preview: bool = Field(False, description="with streaming: a small preview image in every step event")
     loras: dict[str, float] | None = Field(None, max_length=16,
@@ -49,6 +58,8 @@ class GenerationRequest(BaseModel):
                        guidance=self.guidance, preview=self.preview and streaming)
         if self.true_cfg_scale is not None:
             payload["true_cfg_scale"] = self.true_cfg_scale
+        if self.num_frames is not None:
+            payload["num_frames"] = self.num_frames
         if self.loras:
             payload["loras"] = dict(self.loras)
         return payload
@@ -65,10 +76,14 @@ class Timings(BaseModel):
 
 
 class GenerationResponse(BaseModel):
-    """The generated images (also the data of the `result` event when streaming)."""
+    """The generated images or videos (also the data of the `result` event when streaming)."""
 
-    images: list[str] = Field(description="base64-encoded image files, image i drawn with seed + i")
-    output_format: Literal["png", "jpeg"]
+    images: list[str] = Field(description="base64-encoded image files, image i drawn with seed + i (empty for videos)")
+    videos: list[str] | None = Field(None, description="video models: base64-encoded video files, video i drawn "
+                                                       "with seed + i")
+    frames: int | None = Field(None, description="video models: frames per video")
+    fps: int | None = Field(None, description="video models: frames per second of the files")
+    output_format: Literal["png", "jpeg", "gif", "webp", "mp4"]
     width: int
     height: int
     seed: int
@@ -95,8 +110,32 @@ def model_errors(request: GenerationRequest, info: dict[str, Any]) -> list[dict[
     elif request.true_cfg_scale is not None and request.negative_prompt is None:
         errors.append(field_error("true_cfg_scale", request.true_cfg_scale,
                                   "true_cfg_scale needs a negative_prompt (the unconditional pass); add one"))
+    errors += _video_errors(request, info)
     if (message := unknown_names(request.loras, info.get("lora_names", []))) is not None:
         errors.append(field_error("loras", request.loras, message))
+    return errors
+
+
+def _video_errors(request: GenerationRequest, info: dict[str, Any]) -> list[dict[str, Any]]:
+    """What a video model refuses (frame counts its VAE cannot make, image-only formats), and the
+    video fields an image model refuses."""
+    fmt, frames = request.output_format, request.num_frames
+    if not info.get("video"):
+        errors = [] if fmt in IMAGE_FORMATS else [field_error(
+            "output_format", fmt, f"{fmt} is a video format; this server's {info['family']} model makes images: "
+                                  f"use {' or '.join(IMAGE_FORMATS)}")]
+        if frames is not None:
+            errors.append(field_error("num_frames", frames, f"num_frames is for video models; this server runs "
+                                                            f"{info['family']}: leave it out"))
+        return errors
+    errors = [] if fmt in VIDEO_FORMATS else [field_error(
+        "output_format", fmt, f"{fmt} is an image format; a video comes as {', '.join(VIDEO_FORMATS)}")]
+    if frames is not None and (frames - 1) % 4:  # the VAE's causal 4x time compression
+        lower = (frames - 1) // 4 * 4 + 1
+        errors.append(field_error("num_frames", frames, f"num_frames {frames} is not 4k+1; use {lower} or {lower + 4}"))
+    if fmt == "mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        errors.append(field_error("output_format", fmt, "mp4 needs imageio-ffmpeg on the server (pip install "
+                                                        "'ditmesh[video]'); ask for webp, gif or png"))
     return errors
 
 
