@@ -255,7 +255,7 @@ def run_rows(args: argparse.Namespace, device: torch.device, kind: str, emit: Ca
             row.update(timed(lambda: build_ditmesh(config, mode, args, device, meshes), inputs, args, device, busy))
             if images > 1 and "step_ms" in row:
                 row["step_ms"] /= images  # one image per rank: per-image step
-            if config.split("=")[0] in DIFFUSERS_HAS and mode != "eager-graphs":
+            if config.split("=")[0] in DIFFUSERS_HAS and mode != "eager-graphs" and not args.no_diffusers:
                 peer = timed(lambda: build_diffusers(config, mode, args, device), inputs, args, device, busy)
                 row["diffusers_step_ms"] = peer.get("step_ms")
                 row["diffusers_gpu_busy_ms"] = peer.get("gpu_busy_ms")
@@ -435,6 +435,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--text-len", type=int, default=None)
     parser.add_argument("--no-busy", action="store_true", help="skip the profiled call that measures GPU busy time")
+    parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers CP rows")
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
