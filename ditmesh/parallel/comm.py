@@ -54,9 +54,7 @@ def start_exchange(x_W: torch.Tensor, group: dist.ProcessGroup) -> Callable[[], 
         return lambda: x_W
     if _plain_call():
         out = torch.empty_like(x_W, memory_format=torch.contiguous_format)
-        # The process group's own call: `dist.all_to_all_single`'s Python checks and logging
-        # wrapper cost host time twice per block in an eager step, for tensors that need none.
-        work = group.alltoall_base(out, x_W.contiguous(), [], [], dist.AllToAllOptions())
+        work = dist.all_to_all_single(out, x_W.contiguous(), group=group, async_op=True)
 
         def finish_plain() -> torch.Tensor:
             work.wait()  # NCCL: the compute stream waits for the transfer; the host does not
