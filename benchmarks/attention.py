@@ -14,22 +14,18 @@ benchmarks/results/attention_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
-import statistics
-import time
 from pathlib import Path
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ditmesh.config import ParallelConfig
-from ditmesh.parallel.attention import SequenceContext, attention, available_backends, local_attention
+from ditmesh.parallel.attention import SequenceContext, attention, available_backends, local_attention, resolve_backend
 from ditmesh.parallel.mesh import ParallelMesh
-from ditmesh.testing import free_port
 
 # (batch, heads, image tokens, text tokens, head_dim)
 SHAPES = {
@@ -39,16 +35,9 @@ SHAPES = {
 }
 
 
-def _time(fn, iters: int, sync) -> float:
-    fn()  # warm-up
-    sync()
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def _time(fn, iters: int, device: str) -> float:
+    """Seconds: median of `iters` calls after one warm-up."""
+    return harness.median_ms(fn, device, iters, warmup=1) / 1e3
 
 
 def _inputs(shape, device, dtype, seed=0):
@@ -57,27 +46,34 @@ def _inputs(shape, device, dtype, seed=0):
     return [torch.randn(batch, heads, tokens + text, dim, generator=gen, device=device, dtype=dtype) for _ in range(3)]
 
 
+def backends_on(device: str) -> tuple[str, ...]:
+    """The registered local backends that run on `device` (triton: CUDA only)."""
+    usable = []
+    for name in available_backends():
+        try:
+            resolve_backend(name, need_lse=False, device_type=device)
+        except ValueError:
+            continue
+        usable.append(name)
+    return tuple(usable)
+
+
 def bench_local(shape, device, dtype, iters) -> list[dict]:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     q, k, v = _inputs(shape, device, dtype)
     rows = []
-    for backend in ("auto",) + available_backends():
+    for backend in ("auto",) + backends_on(device):
         with torch.no_grad():
-            seconds = _time(lambda: local_attention(q, k, v, backend), iters, sync)
+            seconds = _time(lambda: local_attention(q, k, v, backend), iters, device)
         rows.append(dict(kind="local", mode=backend, world=1, shape=shape, ms=seconds * 1e3))
         if backend == "auto":  # auto + LSE: what every ring block calls
             with torch.no_grad():
-                seconds = _time(lambda: local_attention(q, k, v, "auto", return_lse=True), iters, sync)
+                seconds = _time(lambda: local_attention(q, k, v, "auto", return_lse=True), iters, device)
             rows.append(dict(kind="local", mode="auto+lse", world=1, shape=shape, ms=seconds * 1e3))
     return rows
 
 
 def _rank_main(rank, world, port, device, dtype, shapes, iters, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+    harness.init_rank(rank, world, port, device, bind_device=False)
     dtype = getattr(torch, dtype)
     modes = {f"ulysses={world}": dict(ulysses_degree=world), f"ring={world}": dict(ring_degree=world)}
     if world >= 4:
@@ -101,31 +97,17 @@ def _time_parallel(mesh, shape, device, dtype, iters) -> float:
     q, k, v = (t[:, :, : text + local_len].contiguous() for t in _inputs(shape, device, dtype, seed=rank))
     ctx = SequenceContext(mesh.group("sequence"), mesh.group("ulysses"), mesh.group("ring"), "first",
                           num_tokens=tokens, local_len=local_len)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.no_grad():
-        seconds = _time(lambda: attention(q, k, v, ctx=ctx), iters, sync)
+        seconds = _time(lambda: attention(q, k, v, ctx=ctx), iters, device)
     slowest = torch.tensor([seconds], device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return slowest.item()
 
 
 def bench_parallel(world, device, dtype, shapes, iters) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, device, dtype, shapes, iters, queue)) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    rows = queue.get(timeout=1800)
-    for proc in procs:
-        proc.join()
-    return rows
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    return "cpu"
+    queue = mp.get_context("spawn").Queue()
+    harness.spawn(_rank_main, world, device, dtype, shapes, iters, queue)
+    return queue.get(timeout=60)
 
 
 def main() -> None:
@@ -150,11 +132,10 @@ def main() -> None:
     print(f"{'kind':9} {'mode':22} {'world':>5} {'shape (B,H,S_img,S_txt,D)':>28} {'ms':>10}")
     for row in rows:
         print(f"{row['kind']:9} {row['mode']:22} {row['world']:>5} {str(tuple(row['shape'])):>28} {row['ms']:>10.2f}")
-    name = device_name(args.device)
-    out = Path(args.out or Path(__file__).parent / "results" / f"attention_{name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    name = harness.tag_from(harness.device_name(args.device))
+    out = Path(args.out or harness.RESULTS / f"attention_{name}.json")
     meta = dict(device=name, dtype=args.dtype, torch=torch.__version__, host=platform.node(), cpu_count=os.cpu_count(), iters=args.iters)
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    harness.write_results(out.with_suffix(""), dict(meta=meta, rows=rows))
     print(f"wrote {out}")
 
 

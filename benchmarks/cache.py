@@ -28,45 +28,32 @@ steps, rel err of the final latents against the first row. Rows not started befo
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-
 import argparse
 import gc
 import json
+import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pipefusion_nccl import random_transformer  # noqa: E402
-
-from ditmesh.config import ParallelConfig  # noqa: E402
-from ditmesh.models.flux import FLUX_DEV_CONFIG  # noqa: E402
-from ditmesh.parallel import parallelize  # noqa: E402
+from ditmesh.config import ParallelConfig
+from ditmesh.parallel import parallelize
+from harness import FLUX_DEV, GUIDANCE
 
 MEDIUM_28 = "1111110110001100011000110001"  # cache_dit.steps_mask(mask_policy="medium", total_steps=28)
-GUIDANCE = 3.5
 
 
 def tiny_spec() -> dict:
-    return dict(FLUX_DEV_CONFIG, num_layers=2, num_single_layers=4, attention_head_dim=16, num_attention_heads=4,
+    return dict(FLUX_DEV, num_layers=2, num_single_layers=4, attention_head_dim=16, num_attention_heads=4,
                 joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 
 
 def build(spec: dict, device: torch.device, dtype: torch.dtype) -> Any:
-    from multi_gpu import build_pipeline
-
-    transformer = random_transformer(spec, device, dtype)
-    pipe = build_pipeline("flux", spec, device, dtype, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return harness.build_pipeline("flux", spec, device, dtype, transformer=harness.random_transformer(spec, device, dtype))
 
 
 def inputs(spec: dict, size: int, text_len: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -138,13 +125,7 @@ def cache_dit_row(pipe: Any, mask: str) -> tuple[Callable, Callable]:
 
 
 def timed(fn: Callable, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    begin = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - begin
+    return harness.timed_ms(fn, device) / 1e3
 
 
 def run_row(name: str, make: Callable, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
@@ -166,27 +147,22 @@ def run_row(name: str, make: Callable, args: argparse.Namespace, device: torch.d
     steps = computed()
     row = dict(row=name, first_call_s=first, per_image_s=statistics.median(times), times_s=times,
                computed=len(steps) if steps is not None else args.steps, computed_steps=steps, rel_err_vs_first_row=rel,
-               peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+               peak_gib=harness.peak_gib(device))
     del pipe, call, out
-    gc.collect()
+    gc.collect()  # compiled code stays: later ditmesh rows reuse it (the note under cache_h200.md)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    harness.reset_peak(device)
     return row
 
 
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [f"# Step caching, {env['device']}: FLUX.1-dev-sized, {env['size']}², {env['steps']} steps, "
              f"same computed steps (mask {env['mask']})", "",
-             "| row | computed | per image s | first call s | rel err vs row 1 | peak GiB |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        if "skipped" in r or "error" in r:
-            lines.append(f"| {r['row']} | | | | {r.get('skipped') or r.get('error')} | |")
-            continue
-        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else ""
-        lines.append(f"| {r['row']} | {r['computed']} of {env['steps']} | {r['per_image_s']:.3f} | {r['first_call_s']:.1f} | "
-                     f"{r['rel_err_vs_first_row']:.3f} | {peak} |")
+             *harness.table(("row", "computed", "per image s", "first call s", "rel err vs row 1", "peak GiB"), [
+                 (r["row"], "", "", "", r.get("skipped") or r.get("error"), "") if "skipped" in r or "error" in r else
+                 (r["row"], f"{r['computed']} of {env['steps']}", f"{r['per_image_s']:.3f}", f"{r['first_call_s']:.1f}",
+                  f"{r['rel_err_vs_first_row']:.3f}", harness.fmt(r["peak_gib"], ".1f")) for r in rows])]
     if env.get("decision_ms_per_step") is not None:
         lines += ["", f"Decision read (fbcache's host read of the reduced statistic) per step: {env['decision_ms_per_step']:.3f} ms "
                       "(static+read minus static, per step)."]
@@ -232,9 +208,7 @@ def quality(tiny_path: str, steps: int, out: Path) -> None:
     lines = [f"# Step caching quality: trained tiny FLUX, 128 px, {steps} steps, 6 shape prompts, PSNR vs uncached", "",
              "| cache | computed | PSNR mean dB | PSNR min dB |", "|---|---|---|---|"]
     lines += [f"| {r['cache']} | {r['computed']} of {steps} | {r['psnr_mean']:.1f} | {r['psnr_min']:.1f} |" for r in rows]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cache_quality_cpu.json").write_text(json.dumps(rows, indent=1))
-    (out / "cache_quality_cpu.md").write_text("\n".join(lines) + "\n")
+    harness.write_results(out / "cache_quality_cpu", rows, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -248,7 +222,7 @@ def main() -> None:
     parser.add_argument("--loops", type=int, default=2)
     parser.add_argument("--rows", default="ditmesh,ditmesh-static,ditmesh-read,diffusers,cache-dit,diffusers-compiled")
     parser.add_argument("--budget-s", type=float, default=170.0, help="rows not started by then are skipped")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=harness.RESULTS)
     parser.add_argument("--quality", default=None, help="path of the tiny.py that has pretrained_pipeline: PSNR per threshold instead")
     args = parser.parse_args()
     if args.quality:
@@ -256,7 +230,7 @@ def main() -> None:
         return quality(args.quality, 12 if args.steps == 28 else args.steps, Path(args.out))
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    spec = tiny_spec() if args.tiny else dict(FLUX_DEV_CONFIG)
+    spec = tiny_spec() if args.tiny else dict(FLUX_DEV)
     if args.tiny:
         args.size, args.text_len = min(args.size, 64), min(args.text_len, 16)
     mask = MEDIUM_28 if args.steps == 28 else "".join("1" if i < 2 or i % 2 else "0" for i in range(args.steps))
@@ -269,10 +243,9 @@ def main() -> None:
         "diffusers-compiled": ("diffusers apply_first_block_cache + compile_repeated_blocks", lambda p: diffusers_row(p, mask, compiled=True)),
     }
     started, rows, reference = time.perf_counter(), [], [None]
-    env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", size=args.size, steps=args.steps,
+    env = dict(device=harness.device_name(device), size=args.size, steps=args.steps,
                mask=mask, dtype=str(dtype), torch=torch.__version__, tiny=args.tiny)
     out = Path(os.environ.get("OUT") or args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = out / ("cache_cpu" if device.type == "cpu" else "cache_h200")
     for key in args.rows.split(","):
         name, make = makers[key]
@@ -288,8 +261,7 @@ def main() -> None:
         static, read = by.get(makers["ditmesh-static"][0]), by.get(makers["ditmesh-read"][0])
         env["decision_ms_per_step"] = (read["per_image_s"] - static["per_image_s"]) * 1e3 / args.steps if static and read else None
         env["elapsed_s"] = time.perf_counter() - started
-        stem.with_suffix(".json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
-        stem.with_suffix(".md").write_text(markdown(rows, env))
+        harness.write_results(stem, dict(environment=env, rows=rows), markdown(rows, env))
     print(markdown(rows, env))
 
 

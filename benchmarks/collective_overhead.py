@@ -12,31 +12,27 @@ rounds, rank 0) and writes benchmarks/results/collective_overhead_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ditmesh.parallel import comm  # noqa: E402
+from ditmesh.parallel import comm
 
 
-def per_call_us(fn, calls: int, sync) -> float:
+def per_call_us(fn, calls: int, device: torch.device) -> float:
     for _ in range(20):
         fn()
-    sync()
+    harness.sync(device)
     dist.barrier()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    sync()
+    harness.sync(device)
     return (time.perf_counter() - start) / calls * 1e6
 
 
@@ -45,16 +41,9 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=1000)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args()
-    if args.device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl")
-        device, sync = torch.device("cuda"), torch.cuda.synchronize
-    else:
-        dist.init_process_group("gloo")
-        torch.set_num_threads(1)
-        device, sync = torch.device("cpu"), (lambda: None)
+    device = harness.init_torchrun(args.device)
     group, world = dist.group.WORLD, dist.get_world_size()
     x = torch.randn(world, 1, 4, 16, 8, device=device)
     paths = {
@@ -69,16 +58,14 @@ def main() -> None:
         assert torch.equal(paths["all_gather, functional (autograd)"](), paths["all_gather, ditmesh eager inference"]())
         for _ in range(args.rounds):
             for name, fn in paths.items():
-                samples[name].append(per_call_us(fn, args.calls, sync))
+                samples[name].append(per_call_us(fn, args.calls, device))
     if dist.get_rank() == 0:
         rows = {name: round(statistics.median(values), 1) for name, values in samples.items()}
         for name, us in rows.items():
             print(f"{name:40s} {us:8.1f} µs per call")
-        command = f"torchrun --nproc-per-node {world} benchmarks/collective_overhead.py " + " ".join(sys.argv[1:])
-        report = {"command": command.strip(), "device": args.device, "world": world, "torch": torch.__version__,
+        report = {"command": harness.command(), "device": args.device, "world": world, "torch": torch.__version__,
                   "tensor": list(x.shape), "us_per_call": rows}
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"collective_overhead_{args.device}.json").write_text(json.dumps(report, indent=1))
+        harness.write_results(args.out / f"collective_overhead_{args.device}", report)
     dist.destroy_process_group()
 
 

@@ -13,18 +13,15 @@ the reordering the single block's MLP matmul sits between the output all-to-all 
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ditmesh import ParallelConfig, parallelize  # noqa: E402
-from ditmesh.models.tiny import flux_transformer_inputs, tiny_flux_transformer  # noqa: E402
-from ditmesh.parallel import fastpath  # noqa: E402
-from ditmesh.parallel.mesh import ParallelMesh  # noqa: E402
+from ditmesh import ParallelConfig, parallelize
+from ditmesh.models.tiny import flux_transformer_inputs, tiny_flux_transformer
+from ditmesh.parallel import fastpath
+from ditmesh.parallel.mesh import ParallelMesh
 
 CALLS = [(re.compile(r"all_to_all_single\.default\("), "a2a"), (re.compile(r"wait_tensor\.default\("), "wait"),
          (re.compile(r"extern_kernels\.(mm|addmm|bmm)\("), "mm"), (re.compile(r"_scaled_dot_product\w*\.default\("), "attn")]
@@ -44,7 +41,7 @@ def schedule(code: str) -> list[str]:
 def main() -> None:
     from torch._inductor.utils import run_and_get_code
 
-    dist.init_process_group("gloo")
+    harness.init_torchrun("cpu")
     torch.manual_seed(0)
     inputs = flux_transformer_inputs(batch=1, height=16, width=16, text_len=6)
     for text in ("ulysses=2", "ulysses=2,reorder_comms=1", "ulysses=2,ulysses_head_groups=2"):

@@ -18,26 +18,17 @@ and the top operators by host time and by device time; writes eager_profile_<con
 
 from __future__ import annotations
 
-import os
+import argparse
+import time
+from pathlib import Path
 
-os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
+import torch
+import torch.distributed as dist
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.multi_gpu import TINY_CPU  # noqa: E402
-from benchmarks.peers import init_fake  # noqa: E402
-from benchmarks.pipefusion_nccl import call_inputs, fresh_pipeline, init  # noqa: E402
-from ditmesh import ParallelConfig, parallelize  # noqa: E402
-from ditmesh.models.flux import FLUX_DEV_CONFIG  # noqa: E402
-from ditmesh.parallel import fastpath  # noqa: E402
+from ditmesh import ParallelConfig, parallelize
+from ditmesh.parallel import fastpath
+from harness import FLUX_DEV, TINY_CPU, flux_call_inputs as call_inputs, fresh_flux_pipeline as fresh_pipeline
 
 
 def main() -> None:
@@ -47,7 +38,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--nccl-timeout", type=float, default=120.0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     parser.add_argument("--fake-world", type=int, default=0, metavar="W",
                         help="one process as rank 0 of W in torch's fake process group (benchmarks/peers.py): "
                              "one rank's compute and host cost on one GPU, no exchange")
@@ -62,9 +53,15 @@ def main() -> None:
                         help="list where the GPU sat idle during the profiled steps (from the trace) and what the "
                              "host was running then")
     args = parser.parse_args()
-    device = init_fake(args) if args.fake_world else init(args)
+    if args.fake_world:
+        harness.init_fake(args.fake_world)
+        device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        device = harness.init_torchrun(args.device, args.nccl_timeout)
     tiny = args.tiny
-    settings = dict(spec=dict(TINY_CPU["flux"]) if tiny else dict(FLUX_DEV_CONFIG), size=128 if tiny else 1024,
+    settings = dict(spec=dict(TINY_CPU["flux"]) if tiny else dict(FLUX_DEV), size=128 if tiny else 1024,
                     text_len=16 if tiny else 512, dtype="float32" if device.type == "cpu" else "bfloat16")
     pipe = fresh_pipeline(settings, device)
     inputs = call_inputs(pipe, settings, device)
@@ -73,7 +70,7 @@ def main() -> None:
     elif args.config != "serial":
         pipe = parallelize(pipe, ParallelConfig.parse(args.config), compile=args.compiled, cuda_graphs=args.graphs)
     pipe(**inputs, num_inference_steps=2)  # warm-up (and compile)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = lambda: harness.sync(device)  # noqa: E731
     sync()
     start = time.perf_counter()
     pipe(**inputs, num_inference_steps=args.steps)

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
-import sys
 import time
 from pathlib import Path
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
 
 from ditmesh.kernels import reference, select
@@ -29,47 +27,10 @@ from ditmesh.kernels.triton_attention import triton_attention_lse
 from ditmesh.kernels.triton_merge import triton_merge_lse
 from ditmesh.kernels.triton_pack import triton_pack_for_all_to_all
 from ditmesh.parallel.fastpath import apply_fastpath, compile_repeated_blocks
-from ditmesh.models.flux import FLUX_DEV_CONFIG as FLUX_DEV
-from ditmesh.models.sd3 import SD35_LARGE_CONFIG as SD35_LARGE
+from harness import FLUX_DEV, SD35_LARGE, bench_ms, flux_inputs, rel_err, seeded_model
 
 RESULTS: dict = {"env": {}, "kernels": [], "models": []}
 OUT_DIR = Path("benchmarks/results")
-
-
-def bench_ms(fn, samples: int = 7, min_sample_ms: float = 2.0, graph: bool = False, inner: int | None = None) -> float:
-    """Median over `samples` of the mean time of a loop of calls (loop long enough for events).
-    `inner` fixes the loop length instead (collectives: every rank must make the same calls).
-
-    graph=True captures the loop in a CUDA graph and times its replays: the GPU time without
-    the host's launch overhead (which dominates kernels of a few tens of microseconds)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    inner = inner or max(1, math.ceil(min_sample_ms / max(start.elapsed_time(end), 1e-3)))
-    run = lambda: [fn() for _ in range(inner)]  # noqa: E731
-    if graph:
-        cuda_graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()  # warm the graph pool's allocations on the capture stream
-            with torch.cuda.graph(cuda_graph, stream=stream):
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        run = cuda_graph.replay
-    times = []
-    for _ in range(samples):
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
 
 
 def bench_both(fn) -> tuple[float, float | None]:
@@ -83,14 +44,8 @@ def bench_both(fn) -> tuple[float, float | None]:
         return ms, None
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def save(out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_step_h200.json").write_text(json.dumps(RESULTS, indent=1))
-    (out_dir / "gpu_step_h200.md").write_text(markdown())
+    harness.write_results(out_dir / "gpu_step_h200", RESULTS, markdown())
 
 
 # ---- kernels -------------------------------------------------------------------------------------
@@ -187,27 +142,6 @@ def add_kernel(kernel, shape, impl, ms, tflops, **extra) -> None:
 
 
 
-def build(cls_name: str, config: dict) -> torch.nn.Module:
-    import diffusers
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = getattr(diffusers, cls_name)(**config).to(torch.bfloat16).eval()
-    return model
-
-
-def flux_inputs(batch: int = 1, h: int = 64, w: int = 64) -> dict:
-    # 1024 px / 8 (VAE) / 2 (packing) -> 64 x 64 = 4096 tokens
-    img_ids = torch.zeros(h, w, 3, device="cuda")
-    img_ids[..., 1] = torch.arange(h, device="cuda")[:, None]
-    img_ids[..., 2] = torch.arange(w, device="cuda")[None, :]
-    bf = dict(device="cuda", dtype=torch.bfloat16)
-    return dict(hidden_states=torch.randn(batch, h * w, 64, **bf), encoder_hidden_states=torch.randn(batch, 512, 4096, **bf),
-                pooled_projections=torch.randn(batch, 768, **bf), timestep=torch.full((batch,), 0.7, **bf),
-                guidance=torch.full((batch,), 3.5, **bf), img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(512, 3, device="cuda"),
-                return_dict=False)
-
-
 def sd3_inputs(batch: int = 2) -> dict:
     bf = dict(device="cuda", dtype=torch.bfloat16)
     return dict(hidden_states=torch.randn(batch, 16, 128, 128, **bf), encoder_hidden_states=torch.randn(batch, 333, 4096, **bf),
@@ -269,7 +203,7 @@ def kernel_breakdown(fn) -> dict:
 
 
 def model_rows(family: str, cls_name: str, config: dict, inputs: dict, deadline: float, out_dir: Path) -> None:
-    model = build(cls_name, config)
+    model = seeded_model(cls_name, config)
     tflop = count_tflop(model, inputs)
     RESULTS["env"][f"{family}_tflop_per_step"] = tflop
     eager = time_variant("diffusers eager", lambda: model(**inputs), None, tflop, family, deadline)
@@ -349,8 +283,8 @@ def main() -> None:
     import diffusers
     import triton
 
-    RESULTS["env"].update(device=torch.cuda.get_device_name(), torch=torch.__version__, diffusers=diffusers.__version__,
-                          triton=triton.__version__, command="python3 " + " ".join(sys.argv))
+    RESULTS["env"].update(device=harness.device_name(), torch=torch.__version__, diffusers=diffusers.__version__,
+                          triton=triton.__version__, command=harness.command())
     RESULTS["env"]["matmul_tflops"] = matmul_ceiling()
     skip = set(args.skip.split(","))
     if args.keep:

@@ -13,16 +13,12 @@ layout). The process is rank 0 of 2 in torch's fake process group: collectives r
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
-import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CONFIG = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=16,
               num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
@@ -59,12 +55,8 @@ def build(which: str) -> torch.nn.Module:
     model = FluxTransformer2DModel(**CONFIG).eval()
     if which == "diffusers":
         model.set_attention_backend("native")
-        count = torch.accelerator.device_count
-        torch.accelerator.device_count = lambda: 1  # diffusers 0.42.1 places CP on rank % device_count
-        try:
+        with harness.one_accelerator_on_cpu():
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
-        finally:
-            torch.accelerator.device_count = count
     elif which != "serial":
         config = ParallelConfig.parse(which)
         model = parallelize(model, config, mesh=ParallelMesh.build(config), compile=False)
@@ -85,9 +77,7 @@ def measure(model: torch.nn.Module, text: int, calls: int = 20) -> tuple[int, fl
 
 
 def main() -> None:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", rank=0, world_size=2, store=FakeStore())
+    harness.init_fake(2)
     torch.set_num_threads(1)
     rows = [("serial", "serial", 8), ("diffusers CP ulysses=2", "diffusers", 8),
             ("ditmesh ulysses=2 (packed)", "ulysses=2", 8), ("ditmesh ulysses=2, 5 text tokens (general)", "ulysses=2", 5)]

@@ -17,14 +17,15 @@ Three questions, one GPU, each written to the JSON as soon as it is answered:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
 
-GIB = 2**30
+from harness import FLUX_DEV, GIB, flux_inputs, rel_err as _rel
 
 
 def _make_lora(folder: str) -> str:
@@ -51,10 +52,6 @@ def _latents(pipe, size: int = 128, steps: int = 4) -> torch.Tensor:
                    guidance_scale=3.5, generator=torch.Generator("cuda").manual_seed(0))
     torch.cuda.synchronize()
     return out.images.float()
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _timed(fn):
@@ -95,30 +92,16 @@ def lora_after_parallelize(path: str) -> dict:
     )
 
 
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-
-
-def _flux_inputs(size: int, text: int = 512) -> dict:
-    tokens = (size // 16) ** 2
-    ids = torch.zeros(tokens, 3, device="cuda")
-    side = size // 16
-    ids[:, 1] = torch.arange(side, device="cuda").repeat_interleave(side)
-    ids[:, 2] = torch.arange(side, device="cuda").repeat(side)
-    bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    return dict(hidden_states=torch.randn(1, tokens, 64, **bf16), encoder_hidden_states=torch.randn(1, text, 4096, **bf16),
-                pooled_projections=torch.randn(1, 768, **bf16), timestep=torch.full((1,), 0.5, **bf16),
-                img_ids=ids, txt_ids=torch.zeros(text, 3, device="cuda"), guidance=torch.full((1,), 3.5, **bf16),
-                return_dict=False)
+def _flux_inputs(size: int) -> dict:
+    return flux_inputs(h=size // 16, w=size // 16)
 
 
 def _peak_forward(model, inputs) -> float:
-    torch.cuda.reset_peak_memory_stats()
+    harness.reset_peak("cuda")
     with torch.no_grad():
         model(**inputs)
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / GIB
+    return harness.peak_gib("cuda")
 
 
 def fused_memory_and_new_shape() -> tuple[dict, dict]:
@@ -161,11 +144,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "lora_fastpath.json"))
     args = parser.parse_args()
-    report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    report = dict(gpu=harness.device_name(), torch=torch.__version__)
 
     def save():
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        harness.write_results(Path(args.json).with_suffix(""), report)
 
     with tempfile.TemporaryDirectory() as folder:
         report["lora"] = lora_after_parallelize(_make_lora(folder))

@@ -45,34 +45,16 @@ import argparse
 import gc
 import json
 import os
-import statistics
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
 import torch.distributed as dist
 
-from ditmesh.models.flux import FLUX_DEV_CONFIG as FLUX_DEV
-from ditmesh.models.sd3 import SD35_LARGE_CONFIG as SD35_LARGE
-
-OUT_DIR = Path(__file__).resolve().parent / "results"
-PROMPT = "a photo of an astronaut riding a horse"
-
-# ---- model sizes -------------------------------------------------------------------------------
-
-# --quick on a GPU: full width, few blocks (8 each, so pipefusion=8 still has a block per stage).
-QUICK_GPU = {"flux": dict(num_layers=2, num_single_layers=6), "sd3": dict(num_layers=8)}
-# CPU: tiny widths too (same shapes as ditmesh.models.tiny), 16 latent channels like the real VAEs.
-TINY_CPU = {
-    "flux": dict(FLUX_DEV, num_layers=2, num_single_layers=6, attention_head_dim=16, num_attention_heads=4,
-                 joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
-    "sd3": dict(SD35_LARGE, sample_size=32, num_layers=8, attention_head_dim=16, num_attention_heads=4,
-                joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=64, pos_embed_max_size=32),
-}
+from harness import FLUX_DEV, PROMPT, QUICK_GPU, SD35_LARGE, TINY_CPU, build_pipeline, median_ms, prompt_embeds
 
 
 @dataclass(frozen=True)
@@ -138,81 +120,7 @@ def is_hybrid(parallel: str) -> bool:
     return parallel.count("=") > 1
 
 
-# ---- building a pipeline around a full-size transformer ----------------------------------------
-
-
-def build_pipeline(family: str, spec: dict, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                   transformer: Any = None) -> Any:
-    """A real FluxPipeline / StableDiffusion3Pipeline: transformer of architecture `spec` built
-    on `device` (random, seeded: identical on every rank), tiny text encoders and VAE fitted to it.
-    A `transformer` given (built elsewhere, of architecture `spec`) is used as it is."""
-    import diffusers
-
-    from ditmesh.models.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
-
-    torch.manual_seed(seed)
-    cls = diffusers.FluxTransformer2DModel if family == "flux" else diffusers.SD3Transformer2DModel
-    if transformer is None:
-        with torch.device(device):
-            transformer = cls(**spec).to(dtype).eval()  # fp32 init then cast, as torch's initialisers expect
-    clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer()
-    t5 = _t5(len(t5_tok), spec["joint_attention_dim"])
-    vae = _vae(latent_channels=spec["in_channels"] // (4 if family == "flux" else 1))
-    if family == "flux":
-        pipe = diffusers.FluxPipeline(
-            transformer=transformer, vae=vae, text_encoder=_clip(len(clip_tok), spec["pooled_projection_dim"]),
-            tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
-            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
-                use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096))
-    else:
-        # CLIP-L and CLIP-G: pooled outputs concatenated; hidden states concatenated (16 + 16) and
-        # zero-padded to the T5 width by the pipeline.
-        half = spec["pooled_projection_dim"] // 2
-        pipe = diffusers.StableDiffusion3Pipeline(
-            transformer=transformer, vae=vae, text_encoder=_clip(len(clip_tok), 16, projection=half), tokenizer=clip_tok,
-            text_encoder_2=_clip(len(clip_tok), 16, projection=half), tokenizer_2=tiny_clip_tokenizer(),
-            text_encoder_3=t5, tokenizer_3=t5_tok, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
-
-
-def _clip(vocab: int, hidden: int, projection: int | None = None):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, projection_dim=projection or hidden,
-                            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu")
-    return (CLIPTextModel if projection is None else CLIPTextModelWithProjection)(config).eval()
-
-
-def _t5(vocab: int, width: int):
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(vocab_size=vocab, d_model=width, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
-                      relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
-    return T5EncoderModel(config).eval()
-
-
-def _vae(latent_channels: int):
-    from diffusers import AutoencoderKL
-
-    # Four blocks: the 8x down-scaling of the real VAEs; 8/16 channels, so decoding costs little.
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-                         latent_channels=latent_channels, norm_num_groups=8, shift_factor=0.0609,
-                         scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False).eval()
-
-
-def prompt_embeds(pipe: Any, family: str, text_len: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Encoded prompt (and the negative one for SD3's CFG) as pipeline keyword arguments."""
-    with torch.no_grad():
-        if family == "flux":
-            embeds, pooled, _ = pipe.encode_prompt(PROMPT, None, device=device, max_sequence_length=text_len)
-            return dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
-        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            PROMPT, None, None, device=device, do_classifier_free_guidance=True, max_sequence_length=text_len)
-    return dict(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
-                negative_pooled_prompt_embeds=negative_pooled)
+# ---- inputs -------------------------------------------------------------------------------------
 
 
 def forward_inputs(family: str, spec: dict, settings: Settings, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -237,29 +145,6 @@ def forward_inputs(family: str, spec: dict, settings: Settings, batch: int, devi
 
 
 # ---- timing -------------------------------------------------------------------------------------
-
-
-def timed_ms(fn, device: torch.device) -> float:
-    """Wall time of `fn()` in ms: CUDA events on a GPU (queued work included), perf_counter on CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    begin = time.perf_counter()
-    fn()
-    return (time.perf_counter() - begin) * 1e3
-
-
-def median_ms(fn, device: torch.device, samples: int, warmup: int = 2) -> float:
-    """Median of `samples` timed calls after `warmup` untimed ones. Every rank calls this with the
-    same counts: the calls are collective, a rank doing fewer would leave the others hanging."""
-    for _ in range(warmup):
-        fn()
-    return statistics.median(timed_ms(fn, device) for _ in range(samples))
 
 
 def comm_share(fn, device: torch.device, calls: int, step_ms: float) -> dict[str, float]:
@@ -369,26 +254,15 @@ def run_case(case: Case, world: int, settings: Settings, device: torch.device, p
     if dist.get_rank() == 0:
         result.latent = outputs[0].images[0:1].float().cpu()
     if device.type == "cuda":
-        result.peak_gb = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        result.peak_gb = harness.peak_gib(device, 2)
     return result
 
 
-def rank_main(rank: int, world: int, port: int, settings: Settings, out_path: str, timeout_s: float) -> None:
+def rank_main(rank: int, world: int, port: int, out_path: str, settings: Settings, timeout_s: float) -> None:
     """Body of each spawned rank: init torch.distributed, run this world's cases; rank 0 saves
     the results after every case (a later crash or hang keeps the earlier ones)."""
-    from datetime import timedelta
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    if settings.device_type == "cuda":
-        device = torch.device("cuda", rank)  # one host: local rank == rank
-        torch.cuda.set_device(device)
-        # timeout: NCCL's watchdog aborts a collective stuck this long (a hang ends the world's run).
-        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device, timeout=timedelta(seconds=timeout_s))
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(1)  # CPU runs prove the logic; one thread per rank keeps worlds comparable
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    # timeout: NCCL's watchdog aborts a collective stuck this long (a hang ends the world's run).
+    device = harness.init_rank(rank, world, port, settings.device_type, timeout_s)
     results, meshes = [], {}
     try:
         for case in cases_for(world):
@@ -421,23 +295,11 @@ def _summary(r: Result) -> str:
 def run_world(world: int, settings: Settings, profile: bool, timeout_s: float, notes: list[str]) -> list[dict]:
     """Spawn `world` ranks, run this world's cases; returns rank 0's results (those finished
     before a failure, which is added to `notes`)."""
-    import torch.multiprocessing as mp
-
-    from ditmesh.testing import free_port
-
     settings = Settings(**{**asdict(settings), "profile_steps": settings.profile_steps if profile else 0})
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "results.pt")
-        # join=True: if one rank raises, the others are terminated and the error is re-raised here.
-        try:
-            mp.spawn(rank_main, args=(world, free_port(), settings, out_path, timeout_s), nprocs=world, join=True)
-        except Exception as exc:  # noqa: BLE001 - report it, keep the finished cases and go on
-            running = Path(out_path + ".running")
-            case = running.read_text() if running.exists() else "start-up"
-            message = str(exc).strip().splitlines()
-            notes.append(f"world {world}: FAILED in {case}: {message[-1] if message else type(exc).__name__}")
-            print(f"world {world} failed in {case}:\n{exc}", flush=True)
-        return torch.load(out_path, weights_only=False) if os.path.exists(out_path) else []
+    rows, error, running = harness.spawn_rows(rank_main, world, settings, timeout_s)
+    if error:
+        notes.append(f"world {world}: FAILED in {running or 'start-up'}: {error}")
+    return rows
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -573,7 +435,7 @@ def main() -> None:
                         help="no regional compile (parallelize compiles the blocks on CUDA where the layers stay "
                              "whole; the first forward of each case then takes minutes)")
     parser.add_argument("--tag", default=None, help="results file name: multi_gpu_<tag>.{json,md,png}")
-    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     parser.add_argument("--nccl-timeout", type=float, default=300.0,
                         help="seconds a collective may wait before the run of that world is aborted (a hang)")
     parser.add_argument("--baseline", type=Path, default=None,
@@ -601,23 +463,21 @@ def main() -> None:
         notes.append(f"rows of worlds {sorted({r['world'] for r in kept})} taken from {args.baseline}")
     notes.append(_xfuser_note())
     add_speedups(rows)
-    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (gloo)"
-    tag = args.tag or ("cpu" if args.device == "cpu" else device_name.split()[-1].lower()) + ("_quick" if args.quick else "")
-    import diffusers
-
-    env = dict(tag=tag, device=device_name, torch=torch.__version__, diffusers=diffusers.__version__, dtype=settings.dtype,
-               size=settings.size, steps=settings.steps, worlds=worlds, command="python " + " ".join(sys.argv),
+    device_name = harness.device_name(args.device, "CPU (gloo)")
+    tag = args.tag or harness.machine_tag(args.device) + ("_quick" if args.quick else "")
+    versions = harness.versions()
+    env = dict(tag=tag, device=device_name, torch=versions["torch"], diffusers=versions["diffusers"], dtype=settings.dtype,
+               size=settings.size, steps=settings.steps, worlds=worlds, command=harness.command(),
                flux_layers=f"{settings.specs['flux']['num_layers']}+{settings.specs['flux']['num_single_layers']}",
                sd3_layers=settings.specs["sd3"]["num_layers"], compiled=settings.compile is not False and args.device == "cuda")
     report = {"env": env, "results": [{k: v for k, v in r.items() if k != "latent"} for r in rows], "notes": notes}
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"multi_gpu_{tag}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
     serial_latents = {r["family"]: r["latent"] for r in rows if r["world"] == 1 and r.get("latent") is not None}
     if serial_latents and 1 in worlds:
         torch.save(serial_latents, stem.with_suffix(".latents.pt"))  # for --baseline's error column
     report["notes"].append(plot(report, stem.with_suffix(".png")))
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    stem.with_suffix(".md").write_text(markdown(report))
+    harness.write_results(stem, report, markdown(report))
     print(markdown(report))
     print(f"wrote {stem}.json, .md, .png")
 

@@ -21,35 +21,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-import tempfile
 import time
 from pathlib import Path
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.gpu_step import bench_ms, build, flux_inputs, rel_err  # noqa: E402
-from ditmesh import ParallelConfig, ParallelMesh  # noqa: E402
-from ditmesh.models.base import adapter_for  # noqa: E402
-from ditmesh.models.flux import FLUX_DEV_CONFIG  # noqa: E402
-from ditmesh.parallel import fastpath, sequence  # noqa: E402
+from ditmesh import ParallelConfig, ParallelMesh
+from ditmesh.models.base import adapter_for
+from ditmesh.parallel import fastpath, sequence
+from harness import FLUX_DEV, bench_ms, flux_inputs, host_ms, rel_err, seeded_model
 
 ROWS: list[dict] = []
-
-
-def host_ms(fn, calls: int = 5) -> float:
-    """Host time to issue one forward (the GPU may still be running it)."""
-    times = []
-    for _ in range(calls):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    torch.cuda.synchronize()
-    return sorted(times)[len(times) // 2]
 
 
 def measure(name: str, tokens: int, fn, reference: torch.Tensor | None) -> torch.Tensor:
@@ -67,16 +51,16 @@ def measure(name: str, tokens: int, fn, reference: torch.Tensor | None) -> torch
 
 def markdown() -> str:
     lines = ["# Sequence-parallel path on one GPU (degree 1): wrappers and compile vs diffusers", "",
-             f"{torch.cuda.get_device_name()}, torch {torch.__version__}; FLUX.1-dev-sized transformer, bf16, 512 text tokens.",
-             "", "| image tokens | variant | GPU ms/step | host ms/step | first call s | rel err |", "|---:|---|---:|---:|---:|---:|"]
-    for r in ROWS:
-        lines.append(f"| {r['image_tokens']} | {r['variant']} | {r['gpu_ms']:.1f} | {r['host_ms']:.1f} | {r['first_call_s']:.1f} | {r['rel_err_vs_diffusers']:.1e} |")
+             f"{harness.device_name()}, torch {torch.__version__}; FLUX.1-dev-sized transformer, bf16, 512 text tokens.",
+             "", *harness.table(("image tokens", "variant", "GPU ms/step", "host ms/step", "first call s", "rel err"), [
+                 (r["image_tokens"], r["variant"], f"{r['gpu_ms']:.1f}", f"{r['host_ms']:.1f}", f"{r['first_call_s']:.1f}",
+                  f"{r['rel_err_vs_diffusers']:.1e}") for r in ROWS], "rlrrrr")]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant (minutes of compile)")
     parser.add_argument("--tokens", default="2048,4096", help="image token counts (multiples of 64)")
     parser.add_argument("--merge", action="store_true", help="keep the rows of --out's existing JSON (other token counts)")
@@ -84,9 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     torch.cuda.set_device(0)
-    store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
-    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
-    model = build("FluxTransformer2DModel", FLUX_DEV_CONFIG)
+    harness.init_single(torch.device("cuda", 0))
+    model = seeded_model("FluxTransformer2DModel", FLUX_DEV)
     inputs = {tokens: flux_inputs(h=64, w=tokens // 64) for tokens in map(int, args.tokens.split(","))}
     saved = args.out / "parallel_path_h200.json"
     if args.merge and saved.exists():
@@ -103,10 +86,8 @@ def main() -> None:
         for t in inputs:  # the second shape recompiles (minutes): skipped past the deadline
             if time.time() - started < args.deadline_s:
                 measure("sequence wrappers, compiled (parallelize on CUDA)", t, lambda t=t: model(**inputs[t]), refs[t])
-    args.out.mkdir(parents=True, exist_ok=True)
     ROWS.sort(key=lambda r: r["image_tokens"])
-    (args.out / "parallel_path_h200.json").write_text(json.dumps({"rows": ROWS, "device": torch.cuda.get_device_name()}, indent=1))
-    (args.out / "parallel_path_h200.md").write_text(markdown())
+    harness.write_results(args.out / "parallel_path_h200", {"rows": ROWS, "device": harness.device_name()}, markdown())
     print(markdown())
     dist.destroy_process_group()
 

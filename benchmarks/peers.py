@@ -10,7 +10,7 @@ diffusers,ditmesh`, then `--frameworks xfuser --append`; the serial diffusers ea
 reference, runs every time).
 
 What is timed: the denoising loop of a `FluxPipeline` whose transformer has FLUX.1-dev's architecture
-(19 + 38 blocks, 24 heads x 128) with random weights from one seed (`pipefusion_nccl.random_transformer`:
+(19 + 38 blocks, 24 heads x 128) with random weights from one seed (`harness.random_transformer`:
 the same weights on every rank and in every row), from prompt embeddings (random, seeded: 512 text
 tokens, the pooled vector and the initial latents are the same on every rank and in every row),
 --steps steps (8) at --height x --width (1024²), guidance 3.5, `output_type="latent"`.
@@ -53,41 +53,30 @@ in progress marked) keep the finished rows. Rows not started before --budget-s a
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
 
-# The lender's GPU machines need NVLink multicast off; set before torch (and NCCL) load.
-os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
-for _name in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE", "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE"):
-    os.environ.setdefault(_name, "0")  # every compile cold: warm-up is what a user waits, whatever ran before
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
+import torch
+import torch.distributed as dist
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from datetime import timedelta  # noqa: E402
-from importlib.metadata import PackageNotFoundError, version  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from ditmesh import ParallelConfig, parallelize
+from ditmesh.parallel import fastpath
+from ditmesh.parallel.mesh import ParallelMesh
+from harness import FLUX_DEV, GUIDANCE, TINY_CPU, first_line as _first_line, fresh_flux_pipeline as fresh_pipeline
+from harness import free as _free, rel_err, timed_ms
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.multi_gpu import TINY_CPU, timed_ms  # noqa: E402
-from benchmarks.pipefusion_nccl import fresh_pipeline, init  # noqa: E402
-from ditmesh import ParallelConfig, parallelize  # noqa: E402
-from ditmesh.models.flux import FLUX_DEV_CONFIG  # noqa: E402
-from ditmesh.parallel import fastpath  # noqa: E402
-from ditmesh.parallel.mesh import ParallelMesh  # noqa: E402
-
+harness.cold_compiles()  # every compile cold: warm-up is what a user waits, whatever ran before
 FRAMEWORKS = ("diffusers", "xfuser", "ditmesh")
-GUIDANCE = 3.5
 RUNNING = "did not finish: the run ended while this row was running (a hang ended by the watchdog, or a crash)"
 
 
@@ -192,7 +181,7 @@ def build_diffusers(row: Row, run: Run) -> tuple[Loop, dict]:
         config = ParallelConfig.parse(row.config)
         info["attention"] = "_native_cudnn" if run.device.type == "cuda" else "native"
         pipe.transformer.set_attention_backend(info["attention"])
-        with _one_accelerator_on_cpu(run.device) as shimmed:
+        with harness.one_accelerator_on_cpu(run.device) as shimmed:
             pipe.transformer.enable_parallelism(config=ContextParallelConfig(
                 ulysses_degree=config.ulysses_degree, ring_degree=config.ring_degree))
         if shimmed:
@@ -201,20 +190,6 @@ def build_diffusers(row: Row, run: Run) -> tuple[Loop, dict]:
     if row.compiled:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
     return (lambda steps: pipe(**run.inputs, num_inference_steps=steps).images), info
-
-
-@contextlib.contextmanager
-def _one_accelerator_on_cpu(device: torch.device):
-    """CPU proof only: `torch.accelerator.device_count()` answers 1 inside (yields whether it did)."""
-    if device.type != "cpu" or torch.accelerator.device_count() > 0:
-        yield False
-        return
-    count = torch.accelerator.device_count
-    torch.accelerator.device_count = lambda: 1
-    try:
-        yield True
-    finally:
-        torch.accelerator.device_count = count
 
 
 def build_ditmesh(row: Row, run: Run) -> tuple[Loop, dict]:
@@ -354,12 +329,9 @@ def _gather_objects(out: list, obj: Any, run: Run) -> None:
 
 
 def init_fake(args: argparse.Namespace) -> torch.device:
-    """--fake-world W: this process is rank 0 of W in torch's fake process group. Collectives
-    return at once and move nothing, so every row runs one rank's whole code path on one GPU:
-    its compute and host cost at the rank's shapes, without the exchanges' time."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", rank=0, world_size=args.fake_world, store=FakeStore())
+    """--fake-world W: this process is rank 0 of W in torch's fake process group (`harness.init_fake`):
+    every row runs one rank's whole code path on one GPU, without the exchanges' time."""
+    harness.init_fake(args.fake_world)
     if args.device == "cuda":
         torch.cuda.set_device(0)
         return torch.device("cuda", 0)
@@ -370,30 +342,6 @@ def _blank(row: Row) -> dict:
     """A row's record before it has numbers (the keys every row has)."""
     return dict(framework=row.framework, config=row.config, compiled=row.compiled, cuda_graphs=row.cuda_graphs,
                 step_ms=None, warmup_s=None, peak_gib=None, rel_err=None)
-
-
-def rel_err(latents: torch.Tensor | None, reference: torch.Tensor | None) -> float | None:
-    if latents is None or reference is None or latents.shape != reference.shape:
-        return None
-    return ((latents.double() - reference.double()).norm() / reference.double().norm()).item()
-
-
-def _free() -> None:
-    """Drop what the row left: its pipeline (gone with the row's frames), compiled code, cached blocks."""
-    import torch._dynamo
-
-    gc.collect()
-    torch._dynamo.reset()  # each row compiles its own blocks, as a user's process would
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
-def _first_line(exc: BaseException) -> str:
-    """The message's first line, plus the raised exception where torch.compile reports one it traced."""
-    lines = [line.strip() for line in str(exc).strip().splitlines()]
-    traced = next((line for line in lines if line.startswith("Developer debug context: raised exception")), None)
-    return ((lines[0] if lines else repr(exc)) + (f" ({traced})" if traced else ""))[:400]
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -458,19 +406,12 @@ def markdown(rows: list[dict], env: dict, best: dict | None) -> str:
 def write(rows: list[dict], env: dict, stem: Path) -> None:
     rows = ordered(rows)
     best = add_speedups(rows)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    stem.with_suffix(".md").write_text(markdown(rows, env, best))
+    harness.write_results(stem, rows, markdown(rows, env, best))
 
 
 def environment(settings: dict, device: torch.device, world: int) -> dict:
     """What the report says about the run: machine, versions, sizes, command, notes."""
-    import diffusers
-
-    try:
-        xfuser = version("xfuser")
-    except PackageNotFoundError:
-        xfuser = "not installed"
+    versions = harness.versions()
     spec = settings["spec"]
     notes = ["Serial rows: every rank runs the same serial loop on its own GPU at the same time (max over ranks).",
              "diffusers CP attention: `_native_cudnn` on CUDA (`native` cannot return the LSE ring needs); serial "
@@ -482,8 +423,8 @@ def environment(settings: dict, device: torch.device, world: int) -> dict:
     if device.type == "cpu":
         notes.insert(0, "CPU/gloo: proves the script's logic; the times mean nothing (shared cores, tiny model); "
                         "there are no CUDA graphs on CPU (those rows run as compiled).")
-    return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo)", world=world,
-                torch=torch.__version__, diffusers=diffusers.__version__, xfuser=xfuser, dtype=settings["dtype"],
+    return dict(device=harness.device_name(device, "CPU (gloo)"), world=world,
+                torch=versions["torch"], diffusers=versions["diffusers"], xfuser=versions["xfuser"], dtype=settings["dtype"],
                 layers=f"{spec['num_layers']}+{spec['num_single_layers']}",
                 heads=f"{spec['num_attention_heads']} heads x {spec['attention_head_dim']}", height=settings["height"],
                 width=settings["width"], text_len=settings["text_len"], steps=settings["steps"], loops=settings["loops"],
@@ -497,7 +438,7 @@ def environment(settings: dict, device: torch.device, world: int) -> dict:
 
 def settings_from(args: argparse.Namespace) -> dict:
     tiny = args.tiny
-    spec = dict(TINY_CPU["flux"]) if tiny else dict(FLUX_DEV_CONFIG)
+    spec = dict(TINY_CPU["flux"]) if tiny else dict(FLUX_DEV)
     size = 128 if tiny else 1024
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     return dict(spec=spec, height=args.height or size, width=args.width or size, steps=args.steps, loops=args.loops,
@@ -530,18 +471,19 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="keep the rows of an earlier peers_<tag>.json not run now")
     parser.add_argument("--tag", default=None,
                         help="results file name peers_<tag>.{json,md} (default: h200_x2, cpu_tiny, ...)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args()
     started = time.time()
     fake = args.fake_world > 0
     # NCCL on CUDA (device set, no device_id: xfuser's groups need that), gloo on CPU; or the fake group.
-    device = init_fake(args) if fake else init(args)
+    device = init_fake(args) if fake else harness.init_torchrun(args.device, args.nccl_timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     control = None if fake else dist.new_group(backend="gloo", timeout=timedelta(seconds=args.nccl_timeout))
     settings = settings_from(args)
     run = Run(settings, device, make_inputs(settings, device), control, fake)
     rows = selected_rows(args, world, device.type == "cuda")
-    stem = args.out / f"peers_{args.tag or machine_tag(device, world, args.tiny, fake)}"
+    tag = args.tag or harness.machine_tag(device, None if device.type == "cpu" and not fake else world, args.tiny, fake)
+    stem = args.out / f"peers_{tag}"
     env = environment(settings, device, world)
     if fake:
         env["fake"] = True
@@ -576,13 +518,6 @@ def selected_rows(args: argparse.Namespace, world: int, cuda: bool) -> list[Row]
     extra = tuple(c.strip() for c in args.ditmesh_configs.split(";") if c.strip())
     return [r for r in planned_rows(world, cuda, extra)
             if r.framework in frameworks and r.mode in modes or r == Row("diffusers", "serial", False)]
-
-
-def machine_tag(device: torch.device, world: int, tiny: bool, fake: bool = False) -> str:
-    kind = f"fake{world}" if fake else f"x{world}"
-    if device.type == "cpu":
-        return ("cpu_tiny" if tiny else "cpu") + (f"_{kind}" if fake else "")
-    return f"{torch.cuda.get_device_name(device).split()[-1].lower()}_{kind}" + ("_tiny" if tiny else "")
 
 
 def kept_rows(stem: Path, rows: list[Row], env: dict) -> list[dict]:

@@ -10,7 +10,7 @@ To debug a hang, add NCCL's own tracing to the command's environment, e.g.
 Every rank builds the same pipeline: a FluxPipeline whose transformer has FLUX.1-dev's architecture
 (19 + 38 blocks, 24 heads x 128; `ditmesh.models.flux.FLUX_DEV_CONFIG`) with random bf16 weights
 (built on the meta device, materialised on the GPU, filled from one seed), and tiny text encoders
-and VAE (benchmarks/multi_gpu.py's `build_pipeline`; the prompt is encoded once, the loop gets
+and VAE (`harness.build_pipeline`; the prompt is encoded once, the loop gets
 the embeddings). All runs start from the same initial latents (1024x1024, 28 steps, guidance 3.5)
 and return the final latents (`output_type="latent"`). Rows:
 
@@ -28,78 +28,21 @@ All eager: no torch.compile in any row. Writes benchmarks/results/pipefusion_<ma
 
 from __future__ import annotations
 
-import os
+import argparse
+import faulthandler
+import math
+import statistics
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable
 
-# The lender's GPU machines need NVLink multicast off; set before torch (and NCCL) load.
-os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
+import torch
+import torch.distributed as dist
 
-import argparse  # noqa: E402
-import faulthandler  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from datetime import timedelta  # noqa: E402
-from importlib.metadata import version  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.multi_gpu import TINY_CPU, build_pipeline, prompt_embeds  # noqa: E402
-from ditmesh import ParallelConfig, parallelize  # noqa: E402
-from ditmesh.models.flux import FLUX_DEV_CONFIG  # noqa: E402
-
-OUT_DIR = Path(__file__).resolve().parent / "results"
-GUIDANCE = 3.5
-
-
-# ---- the pipeline -----------------------------------------------------------------------------
-
-
-def random_transformer(spec: dict, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A FluxTransformer2DModel of architecture `spec`: built on the meta device, materialised on
-    `device` in `dtype`, weights U(+-1/sqrt(fan_in)) (torch's Linear scale), norms 1, biases 0,
-    from `seed`: the same on every rank."""
-    from diffusers import FluxTransformer2DModel
-
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**spec).to(dtype)
-    model = model.to_empty(device=device).eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim >= 2:
-                bound = 1.0 / math.sqrt(param[0].numel())
-                param.uniform_(-bound, bound, generator=generator)
-            else:
-                param.fill_(0.0 if name.endswith("bias") else 1.0)
-    return model
-
-
-def fresh_pipeline(settings: dict, device: torch.device) -> Any:
-    """The benchmark's pipeline, new (each strategy changes the one it gets)."""
-    dtype = getattr(torch, settings["dtype"])
-    transformer = random_transformer(settings["spec"], device, dtype)
-    return build_pipeline("flux", settings["spec"], device, dtype, transformer=transformer)
-
-
-def call_inputs(pipe: Any, settings: dict, device: torch.device) -> dict:
-    """Keyword arguments of every timed call: prompt embeddings and initial latents, same on every rank."""
-    dtype = getattr(torch, settings["dtype"])
-    size = settings["size"]
-    tokens, channels = (size // 16) ** 2, settings["spec"]["in_channels"]
-    latents = torch.randn(1, tokens, channels, generator=torch.Generator().manual_seed(1))  # packed 2x2 latents
-    embeds = prompt_embeds(pipe, "flux", settings["text_len"], device)
-    return dict(embeds, latents=latents.to(device, dtype), height=size, width=size, guidance_scale=GUIDANCE,
-                max_sequence_length=settings["text_len"], output_type="latent")
-
-
+from ditmesh import ParallelConfig, parallelize
+from harness import FLUX_DEV, TINY_CPU, flux_call_inputs as call_inputs, fresh_flux_pipeline as fresh_pipeline
 # ---- timing and comparison --------------------------------------------------------------------
 
 
@@ -109,20 +52,15 @@ def loop_ms(run: Callable[[int], Any], device: torch.device, steps: int, loops: 
     run(2)
     times, out = [], None
     for _ in range(loops):
-        _sync(device)
+        harness.sync(device)
         dist.barrier()
         begin = time.perf_counter()
         out = run(steps)
-        _sync(device)
+        harness.sync(device)
         times.append((time.perf_counter() - begin) * 1e3)
     slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return float(slowest.item()), out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def psnr(latents: torch.Tensor | None, reference: torch.Tensor) -> float | None:
@@ -207,9 +145,7 @@ def _images(output: Any) -> torch.Tensor | None:
 
 def _free(*objects: Any) -> None:
     del objects
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    harness.free()
 
 
 def safely(make_row: Callable[[], dict], name: str, errors: tuple = (ValueError,)) -> dict:
@@ -233,23 +169,18 @@ def markdown(report: dict) -> str:
              f"FLUX.1-dev-architecture transformer ({env['layers']} blocks, {env['width']}), random {env['dtype']} weights, "
              f"{env['size']}x{env['size']}, {env['steps']} steps, eager. step: denoising loop / steps (median of "
              f"{env['loops']}, max over ranks); PSNR of the final latents vs serial (peak: the serial latents' range).",
-             "", "| implementation | config | step ms | speed-up vs serial | PSNR vs serial (dB) |",
-             "|---|---|---:|---:|---:|"]
-    for row in report["rows"]:
-        if row.get("skipped"):
-            lines.append(f"| {row['impl']} | {row['config']} | skipped: {row['skipped']} | | |")
-            continue
-        speedup = serial_ms / row["step_ms"] if row["step_ms"] else None
-        value = row["psnr_db"]
-        shown = "" if value is None else ("exact" if math.isinf(value) else f"{value:.1f}")
-        lines.append(f"| {row['impl']} | {row['config']} | {row['step_ms']:.1f} | "
-                     f"{'' if speedup is None else f'{speedup:.2f}x'} | {shown} |")
+             "", *harness.table(("implementation", "config", "step ms", "speed-up vs serial", "PSNR vs serial (dB)"),
+                                [_cells(row, serial_ms) for row in report["rows"]], "llrrr")]
     return "\n".join(lines + [""] + [f"- {note}" for note in report["notes"]]) + "\n"
 
 
-def machine_tag(device: torch.device, world: int, tiny: bool) -> str:
-    name = torch.cuda.get_device_name(device).split()[-1].lower() if device.type == "cuda" else "cpu"
-    return f"{name}_x{world}" + ("_tiny" if tiny else "")
+def _cells(row: dict, serial_ms: float) -> tuple:
+    if row.get("skipped"):
+        return row["impl"], row["config"], f"skipped: {row['skipped']}", "", ""
+    speedup = serial_ms / row["step_ms"] if row["step_ms"] else None
+    value = row["psnr_db"]
+    shown = "" if value is None else ("exact" if math.isinf(value) else f"{value:.1f}")
+    return row["impl"], row["config"], f"{row['step_ms']:.1f}", harness.fmt(speedup, ".2f") + ("x" if speedup else ""), shown
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -260,22 +191,8 @@ def settings_from(args: argparse.Namespace) -> dict:
         spec = dict(TINY_CPU["flux"])
         return dict(spec=spec, size=args.size or 128, steps=args.steps or 4, text_len=16, loops=args.loops,
                     dtype="float32" if args.device == "cpu" else "bfloat16")
-    return dict(spec=dict(FLUX_DEV_CONFIG), size=args.size or 1024, steps=args.steps or 28, text_len=512,
+    return dict(spec=dict(FLUX_DEV), size=args.size or 1024, steps=args.steps or 28, text_len=512,
                 loops=args.loops, dtype="bfloat16")
-
-
-def init(args: argparse.Namespace) -> torch.device:
-    """torch.distributed from torchrun's environment (NCCL on GPUs, gloo on CPU)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    timeout = timedelta(seconds=args.nccl_timeout)
-    if args.device == "cuda":
-        # Device set before init, no device_id: xfuser's groups need NCCL's lazy communicator set-up.
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", timeout=timeout)
-        return torch.device("cuda", local_rank)
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", 1))))
-    dist.init_process_group("gloo", timeout=timeout)
-    return torch.device("cpu")
 
 
 def main() -> None:
@@ -295,11 +212,11 @@ def main() -> None:
                         help="every this many seconds, each rank prints its Python stacks (faulthandler): where a hang sits")
     parser.add_argument("--nccl-timeout", type=float, default=60.0, help="seconds before the watchdog aborts a stuck collective")
     parser.add_argument("--tag", default=None, help="results file name: pipefusion_<tag>.{json,md}")
-    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args()
     if args.stack_dump_s > 0:
         faulthandler.dump_traceback_later(args.stack_dump_s, repeat=True)
-    device = init(args)
+    device = harness.init_torchrun(args.device, args.nccl_timeout)  # no device_id: xDiT's groups need lazy NCCL set-up
     world, rank = dist.get_world_size(), dist.get_rank()
     settings = settings_from(args)
     patches = [int(p) for p in args.patches.split(",")]
@@ -338,21 +255,17 @@ def main() -> None:
 
 
 def write_report(args, settings: dict, device: torch.device, world: int, rows: list[dict], notes: list[str]) -> None:
-    import diffusers
-
-    spec = settings["spec"]
-    env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", world=world,
-               backend=dist.get_backend(), torch=torch.__version__, diffusers=diffusers.__version__,
+    spec, versions = settings["spec"], harness.versions()
+    env = dict(device=harness.device_name(device, "CPU"), world=world,
+               backend=dist.get_backend(), torch=versions["torch"], diffusers=versions["diffusers"],
                dtype=settings["dtype"], size=settings["size"], steps=settings["steps"], loops=settings["loops"],
                layers=f"{spec['num_layers']}+{spec['num_single_layers']}",
                width=f"{spec['num_attention_heads']} heads x {spec['attention_head_dim']}",
-               command=f"torchrun --nproc-per-node {world} " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
+               command=harness.command())
     report = {"env": env, "rows": rows, "notes": notes}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"pipefusion_{args.tag or machine_tag(device, world, args.tiny)}"
+    stem = args.out / f"pipefusion_{args.tag or harness.machine_tag(device, world, args.tiny)}"
     finite = [{k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()} for row in rows]
-    stem.with_suffix(".json").write_text(json.dumps(dict(report, rows=finite), indent=1))
-    stem.with_suffix(".md").write_text(markdown(report))
+    harness.write_results(stem, dict(report, rows=finite), markdown(report))
     print(markdown(report))
     print(f"wrote {stem}.json and .md", flush=True)
 

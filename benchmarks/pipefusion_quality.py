@@ -11,9 +11,9 @@ benchmarks/results/pipefusion_quality.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import numpy as np
 import torch
 
@@ -66,10 +66,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
     table = _table(rows, args)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pipefusion_quality.json").write_text(json.dumps(dict(steps=args.steps, size=args.size, rows=rows), indent=2))
-    (out / "pipefusion_quality.md").write_text(table + "\n")
+    harness.write_results(Path(args.out) / "pipefusion_quality", dict(steps=args.steps, size=args.size, rows=rows), table + "\n")
 
 
 def _table(rows: list[dict], args: argparse.Namespace) -> str:

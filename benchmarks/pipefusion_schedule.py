@@ -15,10 +15,10 @@ shows up as compute time, not as waiting.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
 
 from ditmesh.testing import RankPool
@@ -103,11 +103,8 @@ def main() -> None:
             busy = " | ".join(f"{s['busy']:.2f}" for s in stage["per_step"])
             print(f"{stage['stage']:5d} | {busy} | {stage['step_start_wait_mean']:.2f} / "
                   f"{stage['step_start_wait_max']:.2f} | {stage['other_patch_wait_mean']:.2f}")
-    path = os.path.join(os.path.dirname(__file__), "results", "pipefusion_schedule.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"\nwrote {path}")
+    harness.write_results(harness.RESULTS / "pipefusion_schedule", report)
+    print(f"\nwrote {harness.RESULTS / 'pipefusion_schedule.json'}")
 
 
 if __name__ == "__main__":

@@ -25,19 +25,15 @@ Writes ring_schedule_<device>.{json,md} to --out.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 from pathlib import Path
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.gpu_step import bench_ms, rel_err  # noqa: E402  (same timing as the kernel table)
-from ditmesh.kernels import reference, select  # noqa: E402
-from ditmesh.parallel import ring  # noqa: E402
+from ditmesh.kernels import reference, select
+from ditmesh.parallel import ring
+from harness import bench_ms, rel_err  # (the same timing as gpu_step's kernel table)
 
 HEADS, DIM, TEXT = 24, 128, 512
 
@@ -153,9 +149,7 @@ def nccl_worker(rank: int, world: int, image: int, port: int, queue) -> None:
 
     from ditmesh.parallel.comm import all_to_all, ring_pass_start, ring_shift_wait
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    harness.init_rank(rank, world, port, "cuda")
     group = dist.group.WORLD
     gen = torch.Generator(device="cuda").manual_seed(rank)
     block, share = image // world, -(-TEXT // world)
@@ -208,7 +202,7 @@ def multi_gpu(args) -> dict:
 
 
 def markdown(result: dict, device: str) -> str:
-    lines = [f"# ring_schedule on {device} (torch {torch.__version__})", "", f"Command: `{' '.join(sys.argv)}`", ""]
+    lines = [f"# ring_schedule on {device} (torch {torch.__version__})", "", f"Command: `{result['command']}`", ""]
     if "cudnn_strided" in result:
         c = result["cudnn_strided"]
         lines += [f"cuDNN reading the ring gather buffers' strided K/V views: rel err {c['rel_err']:.1e}, lse err "
@@ -236,20 +230,16 @@ def markdown(result: dict, device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=harness.RESULTS)
     parser.add_argument("--image-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 16384])
     parser.add_argument("--worlds", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8])
     parser.add_argument("--nccl", type=int, default=0, help="world size of an end-to-end NCCL run (0: one-GPU compute only)")
     args = parser.parse_args()
     result = multi_gpu(args) if args.nccl else one_gpu(args)
-    result["command"] = " ".join(sys.argv)
-    device = torch.cuda.get_device_name().replace("NVIDIA ", "").lower().replace(" ", "-")
-    stem = f"ring_schedule_{device}" + (f"_x{args.nccl}" if args.nccl else "")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(result, torch.cuda.get_device_name()))
-    print(f"wrote {out / stem}.json/.md", flush=True)
+    result["command"] = harness.command()
+    stem = Path(args.out) / f"ring_schedule_{harness.machine_tag('cuda', args.nccl or None)}"
+    harness.write_results(stem, result, markdown(result, harness.device_name()))
+    print(f"wrote {stem}.json/.md", flush=True)
 
 
 if __name__ == "__main__":

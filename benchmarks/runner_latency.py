@@ -15,18 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import statistics
 import time
-from pathlib import Path
 
-import torch
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 from PIL import Image
 
 from ditmesh import DistributedRunner, DistributedWorker
 
-RESULTS = Path(__file__).parent / "results" / "runner_latency.json"
+RESULTS = harness.RESULTS / "runner_latency"
 
 
 class NullWorker(DistributedWorker):
@@ -42,9 +38,7 @@ class NullWorker(DistributedWorker):
 
 
 def percentiles(samples_ns: list[int]) -> dict[str, float]:
-    ms = sorted(s / 1e6 for s in samples_ns)
-    return {"p50_ms": statistics.median(ms), "p99_ms": ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))],
-            "mean_ms": statistics.fmean(ms), "n": len(ms)}
+    return harness.percentiles(s / 1e6 for s in samples_ns)
 
 
 async def time_invoke(runner: DistributedRunner, calls: int, payload: dict) -> list[int]:
@@ -91,15 +85,10 @@ def main() -> None:
     print(f"{'measurement':<26}{'p50':>9}{'p99':>9}{'mean':>9}")
     for name, row in results.items():
         print(f"{name:<26}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}{row['mean_ms']:>9.3f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    harness.write_results(RESULTS, {
         "command": f"python benchmarks/runner_latency.py --world-size {args.world_size} --calls {args.calls}",
-        "world_size": args.world_size, "device": "cpu", "cpu_count": os.cpu_count(),
-        "load_avg_1min": os.getloadavg()[0],  # other processes on the machine inflate p99
-        "python": platform.python_version(), "torch": torch.__version__,
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results,
-    }, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+        "world_size": args.world_size, "device": "cpu", **harness.host_env(), "results": results})
+    print(f"wrote {RESULTS}.json")
 
 
 if __name__ == "__main__":

@@ -28,21 +28,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import sys
 import time
 from pathlib import Path
 
-for _name in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE", "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE"):
-    os.environ.setdefault(_name, "0")  # every compile cold: compile times are what a user waits
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
+import torch
 
-import torch  # noqa: E402
+from ditmesh.parallel import fastpath
+from ditmesh.parallel.attention import RedirectSDPA
+from harness import FLUX_DEV, first_call_s, host_ms, median_ms
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ditmesh.models.flux import FLUX_DEV_CONFIG  # noqa: E402
-from ditmesh.parallel import fastpath  # noqa: E402
-from ditmesh.parallel.attention import RedirectSDPA  # noqa: E402
+harness.cold_compiles()  # every compile cold: compile times are what a user waits
 
 TEXT, IMAGE = 512, 4096  # FLUX.1-dev at 1024²
 # Fitted to the 2-H200 P2P hops (ring_schedule_h200_x2.md): t(bytes) = ALPHA + bytes / BETA.
@@ -123,40 +119,6 @@ def flux_rank_inputs(image: int, text: int, device: str, dtype: torch.dtype, joi
 # ---- timing -------------------------------------------------------------------------------------
 
 
-def step_ms(fn, device: str, samples: int) -> float:
-    """Median ms of one call (CUDA events on GPUs, wall clock on CPU), after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(samples):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            tic = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - tic))
-    return statistics.median(times)
-
-
-def host_ms(fn, device: str, calls: int = 5) -> float:
-    """Median ms the host takes to issue one call without waiting for the GPU (after a sync)."""
-    times = []
-    for _ in range(calls):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        tic = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - tic))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return statistics.median(times)
-
-
 def graphed(fn):
     """`fn` (fixed inputs) captured in one CUDA graph after two warm-up calls; returns replay.
     The first call of the returned function compiles and captures (its time is the warm-up)."""
@@ -179,26 +141,18 @@ def graphed(fn):
     return replay
 
 
-def first_call_s(fn, device: str) -> float:
-    tic = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - tic
-
-
 def record(name: str, degree: int, text: str, fn, args, reference=None, head_groups: int = 1) -> torch.Tensor:
     import torch._dynamo
 
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    harness.reset_peak(args.device)
     with torch.no_grad():
         warmup = first_call_s(fn, args.device)
         out = fn()[0]
-        row = dict(variant=name, degree=degree, text=text, head_groups=head_groups, warmup_s=warmup, step_ms=step_ms(fn, args.device, args.samples),
-                   host_ms=host_ms(fn, args.device), peak_gib=torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None)
+        row = dict(variant=name, degree=degree, text=text, head_groups=head_groups, warmup_s=warmup,
+                   step_ms=median_ms(fn, args.device, args.samples), host_ms=host_ms(fn, args.device),
+                   peak_gib=harness.peak_gib(args.device))
         if reference is not None:
-            row["rel_err"] = ((out.double() - reference.double()).norm() / reference.double().norm()).item()
+            row["rel_err"] = harness.rel_err(out, reference)
     ROWS.append(row)
     print(json.dumps(row), flush=True)
     torch._dynamo.reset()
@@ -211,7 +165,7 @@ def record(name: str, degree: int, text: str, fn, args, reference=None, head_gro
 def build(args) -> torch.nn.Module:
     from diffusers import FluxTransformer2DModel
 
-    config = dict(FLUX_DEV_CONFIG)
+    config = dict(FLUX_DEV)
     if args.tiny:
         config.update(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=8,
                       joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
@@ -320,15 +274,13 @@ def projection(config: dict, tokens: tuple[int, int], baseline_ms: float | None)
 
 def write(args, config: dict) -> None:
     projected, best = projection(config, args.tokens, args.baseline_ms)
-    tag = args.tag or (torch.cuda.get_device_name().split()[-1].lower() if args.device == "cuda" else "cpu_tiny")
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch=torch.__version__,
+    tag = args.tag or harness.machine_tag(args.device, tiny=args.device == "cpu")
+    meta = dict(device=harness.device_name(args.device), torch=torch.__version__,
                 tokens=dict(text=args.tokens[0], image=args.tokens[1]), alpha_us=ALPHA * 1e6, beta_gbps=BETA / 1e9)
-    (args.out / f"scaling_{tag}.json").write_text(json.dumps(dict(meta, rows=ROWS, projection=projected), indent=1))
     lines = [f"# One rank's compute at ulysses=W, measured on one {meta['device']}; W GPUs projected", "",
              f"torch {torch.__version__}; FLUX.1-dev-sized transformer{' (tiny)' if args.tiny else ''}, "
              f"{args.tokens[1]} image + {args.tokens[0]} text tokens, {args.dtype}.", "",
-             f"Command: `{' '.join(sys.argv)}`", "", "## Measured", "",
+             f"Command: `{harness.command()}`", "", "## Measured", "",
              "| variant | W | text | first call s | GPU ms/step | host ms/step | peak GiB | rel err |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in ROWS:
@@ -347,7 +299,7 @@ def write(args, config: dict) -> None:
     for p in projected:
         lines.append(f"| {p['degree']} | {p['text']} | {p['compute_ms']:.2f} | {p['comm_ms']:.2f} | {p['step_ms']:.2f} | "
                      f"{p['speedup']:.2f}x | {100 * p['efficiency']:.0f}% | {p['speedup_alpha0']:.2f}x |")
-    (args.out / f"scaling_{tag}.md").write_text("\n".join(lines) + "\n")
+    harness.write_results(args.out / f"scaling_{tag}", dict(meta, rows=ROWS, projection=projected), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -360,8 +312,7 @@ def project_files(paths: list[Path], out: Path) -> None:
         rows += [dict(r, run=path.stem) for r in data["rows"]]
         single = [r["step_ms"] for r in data["rows"] if r["degree"] == 1 and r["variant"] != "diffusers eager"]
         baseline = min(single + ([baseline] if baseline else []))
-    from ditmesh.models.flux import FLUX_DEV_CONFIG as config
-
+    config = FLUX_DEV
     lines = ["# Projected speed-up of FLUX.1-dev at 1024² (ulysses=W) from one H200's measurements", "",
              f"Command: `python3 benchmarks/scaling.py --project {' '.join(str(p) for p in paths)}`", "",
              "Only 1- and 2-GPU machines are lent, so W = 4 and 8 are projected, not measured:",
@@ -425,8 +376,7 @@ def fitted_alpha(config: dict, tokens: tuple[int, int], serial_ms: float) -> flo
 def project_fake(paths: list[Path], out: Path) -> None:
     """Append to scaling_projection.md: one rank's compute of the real code path at W (peers.py
     --fake-world W on one GPU) plus the exchange model, for ulysses=W."""
-    from ditmesh.models.flux import FLUX_DEV_CONFIG as config
-
+    config = FLUX_DEV
     tokens = (TEXT, IMAGE)
     lines = ["", "## From one rank of the real code path (`peers.py --fake-world W`)", "",
              f"Command: `python3 benchmarks/scaling.py --project-fake {' '.join(str(p) for p in paths)}`", "",
@@ -468,7 +418,7 @@ def ulysses_degree_of(config: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny FLUX (CPU proof of the script)")
     parser.add_argument("--degrees", default="2,4,8")

@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -48,7 +48,6 @@ from PIL import Image
 from ditmesh import DistributedRunner, DistributedWorker
 from ditmesh.serve.schema import GenerationRequest  # module level: FastAPI resolves /bare's annotation here
 
-RESULTS = Path(__file__).parent / "results"
 PATH = "/v1/images/generations"
 REQUEST = {"prompt": "a cat", "height": 64, "width": 64, "steps": 2, "seed": 0}
 
@@ -71,9 +70,7 @@ class NullWorker(DistributedWorker):
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
-    ms = sorted(s * 1e3 for s in samples_s)
-    p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
-    return {"p50_ms": round(statistics.median(ms), 3), "p99_ms": round(p99, 3), "n": len(ms)}
+    return harness.percentiles((s * 1e3 for s in samples_s), ndigits=3)
 
 
 async def closed_loop(call, clients: int, seconds: float) -> tuple[list[float], float, list]:
@@ -290,7 +287,7 @@ def main() -> None:
                              "when installed, as `ditmesh serve` picks")
     parser.add_argument("--server-loops", nargs="+", choices=("auto", "asyncio", "uvloop"), default=["asyncio"],
                         help="one server per loop, measured side by side (`ditmesh serve` runs asyncio's)")
-    parser.add_argument("--out", default=str(RESULTS / "serve_load_cpu"), help="writes OUT.json and OUT.md")
+    parser.add_argument("--out", default=str(harness.RESULTS / "serve_load_cpu"), help="writes OUT.json and OUT.md")
     parser.add_argument("--role", choices=("bench", "server"), default="bench", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "server":
@@ -311,17 +308,14 @@ def main() -> None:
             proc.wait(timeout=60)
     command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
     report = {"command": command.strip(), "world_size": args.world_size, "device": "cpu", "worker": "NullWorker",
-              "request": REQUEST, "seconds_per_row": args.seconds, "rounds": args.rounds, "client_loop": loop, "cpu_count": os.cpu_count(),
-              "load_avg_1min": os.getloadavg()[0], "python": platform.python_version(), "torch": torch.__version__,
-              "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+              "request": REQUEST, "seconds_per_row": args.seconds, "rounds": args.rounds, "client_loop": loop,
+              **harness.host_env(), "rows": rows}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     summary = (f"# serve_load: `ditmesh serve` vs `runner.invoke`\n\n`{report['command']}` — {args.world_size} CPU "
                f"ranks, null worker, 64x64 PNG, {args.seconds} s per row and path in {args.rounds} interleaved bursts, "
                f"clients on {loop}, {report['cpu_count']} cores, load "
                f"{report['load_avg_1min']:.1f}, {report['date_utc']}\n\n{table(rows)}\n")
-    out.with_suffix(".md").write_text(summary)
+    harness.write_results(out, report, summary)
     print(table(rows))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 

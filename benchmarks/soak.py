@@ -32,11 +32,10 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
+
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 
 from ditmesh.soak import pid_alive, run_soak
-
-RESULTS = Path(__file__).parent / "results"
 PATH = "/v1/images/generations"
 
 
@@ -67,9 +66,7 @@ def main() -> None:
 
 
 def write(name: str, args: dict, counts: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
     record = {"args": args, "machine": platform.node(), "cpus": os.cpu_count(), "counts": counts}
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     rows = [(key, value) for key, value in counts.items() if not isinstance(value, list)]
     command = "python benchmarks/soak.py " + " ".join(sys.argv[1:])
     lines = [f"# {name}", "", f"`{command}` on {os.cpu_count()} CPU cores", "", "| count | value |", "| --- | ---: |"]
@@ -79,7 +76,7 @@ def write(name: str, args: dict, counts: dict) -> None:
     if counts.get("meshes"):
         lines += ["", f"Meshes ({len(counts['meshes'])}): " + ", ".join(sorted(set(counts["meshes"])))]
     text = "\n".join(lines) + "\n"
-    (RESULTS / f"{name}.md").write_text(text)
+    harness.write_results(harness.RESULTS / name, record, text)
     print(text)
 
 

@@ -13,26 +13,22 @@ Prints a table; writes benchmarks/results/tp_memory.json.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
 
-from ditmesh.models import adapter_for
 from ditmesh import plans
+from ditmesh.models import adapter_for
 from ditmesh.parallel import tensor
-from ditmesh.models.flux import FLUX_DEV_CONFIG
-from ditmesh.models.sd3 import SD35_LARGE_CONFIG
+from harness import FLUX_DEV, GIB, SD35_LARGE
 
 DEGREES = (1, 2, 4, 8)
 DTYPE = torch.bfloat16
-GIB = 1024**3
-RESULTS = Path(__file__).parent / "results" / "tp_memory.json"
 
 
 MODELS = {
-    "FLUX.1-dev": ("FluxTransformer2DModel", FLUX_DEV_CONFIG),
-    "SD3.5-large": ("SD3Transformer2DModel", SD35_LARGE_CONFIG),
+    "FLUX.1-dev": ("FluxTransformer2DModel", FLUX_DEV),
+    "SD3.5-large": ("SD3Transformer2DModel", SD35_LARGE),
 }
 
 
@@ -80,9 +76,8 @@ def main() -> None:
                 f"{result['model']:<13} {params:>7} {degree:>2} {row['gib']:>9.2f} {row['gib'] / full:>7.3f} "
                 f"{row['gib_adaln_replicated']:>17.2f}"
             )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    harness.write_results(harness.RESULTS / "tp_memory", results)
+    print(f"wrote {harness.RESULTS / 'tp_memory.json'}")
 
 
 if __name__ == "__main__":

@@ -28,24 +28,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import statistics
-import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from ditmesh.models.flux import FLUX_DEV_CONFIG
+from harness import FLUX_DEV
 
 STRATEGIES = {"ddp": "data_degree", "fsdp": "fsdp_degree"}
 """Strategy -> the degree it spreads over; at world 1 the strategy's wrapper still runs (DDP, fully_shard)."""
-RESULTS = Path(__file__).parent / "results"
 
 
 @dataclass(frozen=True)
@@ -93,7 +89,7 @@ def build_model(settings: Settings, device: torch.device) -> torch.nn.Module:
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("meta"):
-            model = FluxTransformer2DModel(**FLUX_DEV_CONFIG)
+            model = FluxTransformer2DModel(**FLUX_DEV)
     finally:
         torch.set_default_dtype(default)
     model = model.to_empty(device=device)  # 22 GiB of bf16, uninitialised
@@ -158,18 +154,9 @@ def run_case(strategy_name: str, world: int, settings: Settings, device: torch.d
                 trained_params=trained, losses=[round(x, 4) for x in losses])
 
 
-def rank_main(rank: int, world: int, port: int, settings: Settings, out_path: str) -> None:
+def rank_main(rank: int, world: int, port: int, out_path: str, settings: Settings) -> None:
     """Body of each spawned rank: init torch.distributed, run this world's strategies; rank 0 saves rows."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    if settings.device_type == "cuda":
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = harness.init_rank(rank, world, port, settings.device_type)
     rows = []
     try:
         for strategy in settings.strategies:
@@ -195,20 +182,8 @@ def _summary(row: dict) -> str:
 
 
 def run_world(world: int, settings: Settings) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    from ditmesh.testing import free_port
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "rows.pt")
-        try:  # join=True: one rank failing terminates the others and raises here
-            mp.spawn(rank_main, args=(world, free_port(), settings, out_path), nprocs=world, join=True)
-        except Exception as exc:  # noqa: BLE001 - keep the rows finished before it, report it
-            lines = str(exc).strip().splitlines()
-            print(f"world {world} failed:\n{exc}", flush=True)
-            failed = dict(strategy="(world)", world=world, error=f"failed: {lines[-1] if lines else type(exc).__name__}")
-            return (torch.load(out_path, weights_only=False) if os.path.exists(out_path) else []) + [failed]
-        return torch.load(out_path, weights_only=False) if os.path.exists(out_path) else []
+    rows, error, _ = harness.spawn_rows(rank_main, world, settings)
+    return rows + ([dict(strategy="(world)", world=world, error=f"failed: {error}")] if error else [])
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -230,14 +205,11 @@ def markdown(report: dict) -> str:
              f"{env['steps']} steps after {env['warmup']} warm-up."
              + (" CPU run: it proves the code path; times on a shared CPU host are no measurement." if env["device"] == "cpu" else ""),
              "",
-             "| strategy | GPUs | step (ms) | examples/s | speed-up vs 1 GPU | memory after set-up, per rank (GiB) | peak per rank (GiB) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in report["rows"]:
-        if "error" in row:
-            lines.append(f"| {row['strategy']} | {row['world']} | {row['error']} | | | | |")
-            continue
-        lines.append(f"| {row['strategy']} | {row['world']} | {row['step_ms']:.0f} | {row['examples_per_s']:.2f} | "
-                     f"{row.get('speedup_vs_1', '')} | {_gib(row['setup_gib_per_rank'])} | {_gib(row['peak_gib_per_rank'])} |")
+             *harness.table(("strategy", "GPUs", "step (ms)", "examples/s", "speed-up vs 1 GPU",
+                             "memory after set-up, per rank (GiB)", "peak per rank (GiB)"), [
+                 (r["strategy"], r["world"], r["error"], "", "", "", "") if "error" in r else
+                 (r["strategy"], r["world"], f"{r['step_ms']:.0f}", f"{r['examples_per_s']:.2f}", r.get("speedup_vs_1", ""),
+                  _gib(r["setup_gib_per_rank"]), _gib(r["peak_gib_per_rank"])) for r in report["rows"]])]
     return "\n".join(lines) + "\n"
 
 
@@ -259,7 +231,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--tag", default=None, help="results file name: training_<tag>.{json,md}")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args()
 
     worlds = [int(w) for w in args.worlds.split(",")]
@@ -274,22 +246,18 @@ def main() -> None:
         rows += run_world(world, settings)
     add_speedups(rows)
 
-    import diffusers
     import peft
 
-    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    tag = args.tag or (("cpu" if args.device == "cpu" else device_name.split()[-1].lower())
-                       + (f"_x{max(worlds)}" if max(worlds) > 1 and args.device == "cuda" else "") + ("_tiny" if args.tiny else ""))
+    device_name = harness.device_name(args.device)
+    tag = args.tag or harness.machine_tag(args.device, max(worlds) if max(worlds) > 1 and args.device == "cuda" else None, args.tiny)
     env = dict(tag=tag, device=device_name, model="tiny FLUX" if args.tiny else "FLUX.1-dev-sized transformer (random weights)",
-               command="python " + " ".join(sys.argv), torch=torch.__version__, diffusers=diffusers.__version__,
+               command=harness.command(), torch=torch.__version__, diffusers=harness.versions()["diffusers"],
                peft=peft.__version__, resolution=settings.resolution, image_tokens=(settings.resolution // 16) ** 2,
                text_len=settings.text_len, lora_rank=settings.lora_rank, batch_per_gpu=settings.batch_per_gpu,
                steps=settings.steps, warmup=settings.warmup, gradient_checkpointing=settings.gradient_checkpointing)
     report = dict(env=env, rows=rows)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"training_{tag}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    stem.with_suffix(".md").write_text(markdown(report))
+    harness.write_results(stem, report, markdown(report))
     print(markdown(report))
     print(f"wrote {stem}.json and {stem}.md")
 

@@ -22,25 +22,16 @@ Prints both tables; writes OUT/vae_<machine>.json and .md (default OUT: benchmar
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
 import torch
-import torch.distributed as dist
 
 from ditmesh.models.flux import FLUX_VAE_CONFIG
 from ditmesh.parallel import vae as parallel_vae
+from harness import CLIP_G, CLIP_L, GIB, T5_XXL
 
-GIB = 1024**3
-
-# Published text encoder configs (transformers), for parameter counts on the meta device.
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
-CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-              num_attention_heads=20, max_position_embeddings=77, projection_dim=1280)
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu")
 TEXT_ENCODERS = {  # family: (encoder, class, config) in the adapter's text_encoder_attrs order
     "FLUX.1": (("CLIP-L", "CLIPTextModel", CLIP_L), ("T5-XXL", "T5EncoderModel", T5_XXL)),
     "SD3.5": (("CLIP-L", "CLIPTextModelWithProjection", CLIP_L), ("CLIP-G", "CLIPTextModelWithProjection", CLIP_G),
@@ -58,31 +49,25 @@ def build_vae(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
 
 def time_decode(vae: torch.nn.Module, latent: torch.Tensor, reps: int) -> dict:
     """Mean seconds of `reps` decodes after one untimed, and the peak memory over them."""
-    sync = torch.cuda.synchronize if latent.is_cuda else (lambda: None)
     with torch.no_grad():
         vae.decode(latent)
-        sync()
-        if latent.is_cuda:
-            torch.cuda.reset_peak_memory_stats()
+        harness.sync(latent.device)
+        harness.reset_peak(latent.device)
         start = time.perf_counter()
         for _ in range(reps):
             vae.decode(latent)
-        sync()
+        harness.sync(latent.device)
     seconds = (time.perf_counter() - start) / reps
-    peak = torch.cuda.max_memory_allocated() / GIB if latent.is_cuda else None
-    return dict(ms=round(seconds * 1e3, 2), peak_gib=None if peak is None else round(peak, 2))
+    return dict(ms=round(seconds * 1e3, 2), peak_gib=harness.peak_gib(latent.device, 2))
 
 
 def one_rank_of(world: int, vae: torch.nn.Module, latent: torch.Tensor, reps: int) -> dict:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    import torch.distributed as dist
 
     rank = 1 if world > 2 else 0
-    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
-    try:
+    with harness.fake_group(world, rank):
         parallel_vae.install(vae, dist.group.WORLD, min_latent_pixels=0)
         return {"rank": rank, **time_decode(vae, latent, reps)}
-    finally:
-        dist.destroy_process_group()
 
 
 def check_moments(device: torch.device) -> float:
@@ -137,17 +122,15 @@ def markdown(env: dict, decode: list[dict], text: list[dict]) -> str:
     lines = [f"# Parallel VAE decode, FLUX.1 VAE, {env['machine']}", "",
              f"torch {env['torch']}, {env['dtype']}; one rank of W in torch's fake process group "
              "(compute and issue cost, no transfer time); peak = max_memory_allocated, weights included.", "",
-             "| image | W | ms per rank | speed-up vs serial | peak GiB per rank |", "| --- | --- | --- | --- | --- |"]
-    for row in decode:
-        lines.append(f"| {row['size']}² | {'serial' if row['world'] == 1 else row['world']} | {row['ms']} | "
-                     f"{row['speedup']}x | {row['peak_gib']} |")
+             *harness.table(("image", "W", "ms per rank", "speed-up vs serial", "peak GiB per rank"), [
+                 (f"{r['size']}²", "serial" if r["world"] == 1 else r["world"], r["ms"], f"{r['speedup']}x", r["peak_gib"])
+                 for r in decode])]
     if env.get("moments_rel_err") is not None:
         lines += ["", f"CUDA GroupNorm statistics vs fp32 var_mean: max relative error {env['moments_rel_err']:.1e}."]
     lines += ["", "## Text encoders per rank (bf16 GiB)", "",
-              "| family | encoders | every rank, before | encoding rank | other ranks |", "| --- | --- | --- | --- | --- |"]
-    for row in text:
-        encoders = ", ".join(f"{k} {v}" for k, v in row["encoders"].items())
-        lines.append(f"| {row['family']} | {encoders} | {row['every_rank_before_gib']} | {row['encoding_rank_gib']} | 0 |")
+              *harness.table(("family", "encoders", "every rank, before", "encoding rank", "other ranks"), [
+                  (r["family"], ", ".join(f"{k} {v}" for k, v in r["encoders"].items()), r["every_rank_before_gib"],
+                   r["encoding_rank_gib"], 0) for r in text])]
     return "\n".join(lines) + "\n"
 
 
@@ -157,23 +140,21 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     parser.add_argument("--tag", default=None, help="file name tag (default: h200 / cpu)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
-    machine = args.tag or (torch.cuda.get_device_name(device).split()[-1].lower() if device.type == "cuda" else "cpu")
+    machine = args.tag or harness.machine_tag(device)
     env = dict(machine=machine, torch=torch.__version__, dtype="bf16" if device.type == "cuda" else "fp32",
                moments_rel_err=check_moments(device) if device.type == "cuda" else None)
     decode = decode_table(args, device)
     text = text_table()
     report = markdown(env, decode, text)
     print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"vae_{machine}.json").write_text(json.dumps(dict(env=env, decode=decode, text=text), indent=1))
-    (args.out / f"vae_{machine}.md").write_text(report)
+    harness.write_results(args.out / f"vae_{machine}", dict(env=env, decode=decode, text=text), report)
 
 
 if __name__ == "__main__":

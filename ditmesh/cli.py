@@ -160,6 +160,9 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
     for sub in (gen, bench, serve):
         _add_cache_option(sub)
+        sub.add_argument("--quantize", choices=("off", "fp8"), default="off",
+                         help="fp8: the transformer's block linears as fp8 matmuls (torchao, rowwise scales; needs "
+                              "--dtype bfloat16 and a GPU with fp8 tensor cores: Ada, Hopper, Blackwell); see docs/fp8.md")
     return parser
 
 
@@ -213,7 +216,12 @@ def _speed_setup(args: argparse.Namespace) -> dict[str, Any]:
     """Setup kwargs of the speed and LoRA options (compile None: compiled on GPUs)."""
     if args.max_graphs < 1:
         raise ValueError(f"--max-graphs must be >= 1 (got {args.max_graphs}); --eager on several GPUs replays none")
-    return dict(compile=False if args.eager else None, loras=args.lora, max_graphs=args.max_graphs, cache=args.cache)
+    if args.quantize != "off":  # refused here, before any process starts
+        from ditmesh.parallel.quantize import check_cli
+
+        check_cli(args.quantize, args.device, args.dtype)
+    quantize = {} if args.quantize == "off" else dict(quantize=args.quantize)  # only when on: every worker takes the rest
+    return dict(compile=False if args.eager else None, loras=args.lora, max_graphs=args.max_graphs, cache=args.cache, **quantize)
 
 
 def _engine_setup(engine: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
@@ -221,13 +229,13 @@ def _engine_setup(engine: str, args: argparse.Namespace, setup: dict[str, Any]) 
     options; ditmesh's own ones (LoRAs, step caching) are refused for it rather than dropped."""
     if engine != "xfuser":
         return setup
-    ours = [flag for flag, used in (("--lora", args.lora), ("--cache", args.cache != "off"),
+    ours = [flag for flag, used in (("--lora", args.lora), ("--cache", args.cache != "off"), ("--quantize", args.quantize != "off"),
                                     ("--lora-dir", getattr(args, "lora_dir", None))) if used]
     if ours:
         raise ValueError(f"{', '.join(ours)} are ditmesh's; --engine xfuser runs xDiT's pipelines without them: "
                          "drop them or use --engine ditmesh")
     return {key: value for key, value in setup.items()
-            if key not in ("loras", "max_graphs", "cache", "warmup", "lora_dir")}
+            if key not in ("loras", "max_graphs", "cache", "warmup", "lora_dir", "quantize")}
 
 
 def _add_cache_option(parser: argparse.ArgumentParser) -> None:

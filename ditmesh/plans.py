@@ -8,7 +8,8 @@ each kind:
   (Ulysses, ring; like diffusers' ``_cp_plan``);
 - `TensorPlan`: which linears are split colwise / rowwise (like diffusers' ``_tp_plan``);
 - `StagePlan`: how the blocks split into PipeFusion stages, and the small functions that run the
-  model's own embedders and head on one patch of image rows (`Grid`, `Patch`).
+  model's own embedders and head on one patch of image rows (`Grid`, `Patch`);
+- `QuantPlan`: which linears fp8 compute quantises.
 """
 
 from __future__ import annotations
@@ -134,6 +135,23 @@ def _matches(pattern: str, name: str) -> bool:
     return len(pattern_parts) == len(name_parts) and all(
         fnmatch.fnmatchcase(part, want) for part, want in zip(name_parts, pattern_parts)
     )
+
+
+# ---- fp8 compute ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantPlan:
+    """Which linears fp8 compute quantises (`parallel/quantize.py`); every other module keeps the
+    model's dtype: embedders, norms and the final layer are small and sit where rounding costs most."""
+
+    layers: tuple[str, ...]
+    """Module-name patterns (as `TensorPlan`'s) of the layers whose weights become fp8; only the
+    `nn.Linear` ones among the matches are quantised (a pattern ending in ``*`` may also match norms)."""
+
+    def resolve(self, model: Any) -> list[str]:
+        """Names of the modules of `model` the plan names (any type; the caller keeps the linears)."""
+        return [name for name, _ in model.named_modules() if any(_matches(pattern, name) for pattern in self.layers)]
 
 
 # ---- PipeFusion stages ----------------------------------------------------------------------

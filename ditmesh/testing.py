@@ -20,6 +20,8 @@ import threading
 import traceback
 from typing import Any, Callable
 
+from ditmesh.runner import procs
+
 _ERROR_GRACE_S = 10.0  # after one rank fails, how long the others get before they are deemed stuck
 
 
@@ -101,11 +103,11 @@ class RankPool:
         self._start()
 
     def _start(self) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = procs.context()
         port = free_port()
         for rank in range(self.world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_rank_main, args=(rank, self.world_size, port, child, self._threads), daemon=True)
+            proc = procs.process(ctx, _rank_main, (rank, self.world_size, port, child, self._threads), daemon=True)
             proc.start()
             self._procs.append(proc)
             self._conns.append(parent)

@@ -23,6 +23,16 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`ditmesh ...` in this process: the entry point's code (`run_cli` keeps one test on the
+    entry point itself), whose ranks fork from this test session's one fork server instead of
+    a new process importing torch twice (itself and its fork server)."""
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def test_generate_flux_ulysses2_writes_png(tmp_path):
     out = tmp_path / "x.png"
     proc = run_cli("generate", "--model", "tiny-flux", "--parallel", "ulysses=2", "--height", "64", "--width", "96",
@@ -35,13 +45,13 @@ def test_generate_flux_ulysses2_writes_png(tmp_path):
     assert "step 2/2" in proc.stderr  # the progress bar, driven by rank 0's stream events
 
 
-def test_generate_data2_with_one_image_writes_it(tmp_path):
+def test_generate_data2_with_one_image_writes_it(tmp_path, capsys):
     # One image, two data groups: the idle group runs no step. The per-step cancel check once
     # reduced over every rank, so rank 0 waited in it for ever (issue 24; tests/test_soak.py
     # runs the same through the runner for the other models).
     out = tmp_path / "x.png"
-    proc = run_cli("generate", "--model", "tiny-flux", "--parallel", "data=2", "--prompt", "a red cube", "--steps", "3",
-                   "--height", "64", "--width", "64", "-o", str(out), timeout=90)
+    proc = run_main(capsys, "generate", "--model", "tiny-flux", "--parallel", "data=2", "--prompt", "a red cube", "--steps", "3",
+                    "--height", "64", "--width", "64", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (64, 64) and "step 3/3" in proc.stderr
 
@@ -55,10 +65,10 @@ def test_generate_bad_model_names_the_fix(tmp_path, capsys):
     assert "ulysses must be an integer" in capsys.readouterr().err
 
 
-def test_bench_compares_configs_against_the_first_and_reports_refusals(tmp_path):
+def test_bench_compares_configs_against_the_first_and_reports_refusals(tmp_path, capsys):
     report_path = tmp_path / "bench.json"
-    proc = run_cli("bench", "--model", "tiny-flux-random", "--parallel", "serial", "ulysses=2", "tensor=3", "--steps", "2",
-                   "--repeats", "2", "--warmup", "1", "--height", "64", "--width", "64", "--json", str(report_path))
+    proc = run_main(capsys, "bench", "--model", "tiny-flux-random", "--parallel", "serial", "ulysses=2", "tensor=3", "--steps",
+                    "2", "--repeats", "2", "--warmup", "0", "--height", "64", "--width", "64", "--json", str(report_path))
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(report_path.read_text())["rows"]
     assert [r["config"] for r in rows] == ["serial", "ulysses=2", "tensor=3"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_cli import run_cli
+from test_cli import run_main
 
 from ditmesh.models.loading import load_pipeline
 from ditmesh.models.tiny import ASSETS, PRETRAINED, TINY_PIPELINES, pretrained_architecture, tiny_pipeline
@@ -68,10 +68,10 @@ def test_bad_model_names_the_fix(tmp_path):
         load_pipeline("tiny-flux", dtype="fp8")
 
 
-def test_generate_from_saved_folder(tmp_path):
+def test_generate_from_saved_folder(tmp_path, capsys):
     tiny_pipeline("tiny-sdxl").save_pretrained(tmp_path / "model")
-    proc = run_cli("generate", "--model", str(tmp_path / "model"), "--parallel", "data=2", "--num-images", "3",
-                   "--steps", "2", "--height", "64", "--width", "64", "-o", str(tmp_path / "out.png"))
+    proc = run_main(capsys, "generate", "--model", str(tmp_path / "model"), "--parallel", "data=2", "--num-images", "3",
+                    "--steps", "2", "--height", "64", "--width", "64", "-o", str(tmp_path / "out.png"))
     assert proc.returncode == 0, proc.stderr
     for i in range(3):
         assert Image.open(tmp_path / f"out_{i}.png").size == (64, 64)

@@ -124,7 +124,15 @@ def test_fused_qkv_keeps_one_copy_of_the_weights():
 
     transformer = tiny_pipeline("tiny-flux").transformer
     before = _stored_bytes(transformer)
+    # The load's peak: when a module fuses, every module fused before it already shares storage
+    # (fusing all modules first held both copies of every block at once: +4 GiB on FLUX.1-dev).
+    excess = []
+    for module in transformer.modules():
+        if getattr(module, "_supports_qkv_fusion", False):
+            module.fuse_projections = (lambda fuse: lambda: (excess.append(_stored_bytes(transformer) - before), fuse()))(
+                module.fuse_projections)
     fastpath.fuse_qkv(transformer)
+    assert len(excess) > 1 and max(excess) <= 0, f"bytes above the unfused model when each module fused: {excess}"
     attn = transformer.transformer_blocks[0].attn
     assert attn.fused_projections and attn.to_qkv.weight.shape[0] == 3 * attn.to_q.weight.shape[0]
     assert attn.to_q.weight.untyped_storage().data_ptr() == attn.to_qkv.weight.untyped_storage().data_ptr()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ditmesh.plans import SequencePlan, StagePlan, TensorPlan
+from ditmesh.plans import QuantPlan, SequencePlan, StagePlan, TensorPlan
 
 _REGISTRY: dict[str, ModelAdapter] = {}
 
@@ -50,6 +50,8 @@ class ModelAdapter:
     """Which linears tensor parallelism splits, and how (None: not supported)."""
     stage_plan: StagePlan | None = None
     """How blocks split into PipeFusion stages (None: not supported)."""
+    quant_plan: QuantPlan | None = None
+    """Which linears fp8 compute quantises (`parallelize(..., quantize="fp8")`; None: not supported)."""
     cache_blocks: tuple[str, ...] = ()
     """Attributes holding the repeated block lists, in execution order, for step caching: the
     first block of the first list decides, the rest are skipped on cached steps (empty: no caching)."""

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from ditmesh.models.base import ModelAdapter, register
-from ditmesh.plans import COLWISE, COLWISE_GATHER, ROWWISE, Gather, Grid, PackedRowwise, Patch, SequencePlan, Split, StagePlan, TensorPlan
+from ditmesh.plans import (COLWISE, COLWISE_GATHER, ROWWISE, Gather, Grid, PackedRowwise, Patch, QuantPlan, SequencePlan, Split,
+                           StagePlan, TensorPlan)
 
 # FluxTransformer2DModel config of FLUX.1-dev (real sizes: benchmarks, meta-device memory counts).
 FLUX_DEV_CONFIG = dict(
@@ -143,6 +144,14 @@ ADAPTER = register(
             attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
         ),
         stage_plan=FLUX_STAGE_PLAN,
+        # fp8: every linear of the blocks (attention, fused Q/K/V included; MLPs; the AdaLN
+        # modulation); the embedders, norm_out and proj_out stay in the model's dtype.
+        quant_plan=QuantPlan(layers=(
+            "transformer_blocks.*.attn.*", "transformer_blocks.*.attn.to_out.0",
+            "transformer_blocks.*.ff*.net.0.proj", "transformer_blocks.*.ff*.net.2", "transformer_blocks.*.norm1*.linear",
+            "single_transformer_blocks.*.attn.*", "single_transformer_blocks.*.proj_mlp",
+            "single_transformer_blocks.*.proj_out", "single_transformer_blocks.*.norm.linear",
+        )),
         cache_blocks=("transformer_blocks", "single_transformer_blocks"),
         vae_attr="vae",
         text_encoder_attrs=("text_encoder", "text_encoder_2"),  # CLIP-L, T5-XXL

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ditmesh.models.base import ModelAdapter, register
-from ditmesh.plans import COLWISE, COLWISE_GATHER, ROWWISE, Gather, Grid, Patch, SequencePlan, Split, StagePlan, TensorPlan
+from ditmesh.plans import COLWISE, COLWISE_GATHER, ROWWISE, Gather, Grid, Patch, QuantPlan, SequencePlan, Split, StagePlan, TensorPlan
 
 # SD3Transformer2DModel config of SD3.5-large (real sizes: benchmarks, meta-device memory counts).
 SD35_LARGE_CONFIG = dict(
@@ -114,6 +114,11 @@ ADAPTER = register(
             attention=("transformer_blocks.*.attn", "transformer_blocks.*.attn2"),
         ),
         stage_plan=SD3_STAGE_PLAN,
+        # fp8: every linear of the joint blocks; embedders, norm_out and proj_out stay as they are.
+        quant_plan=QuantPlan(layers=(
+            "transformer_blocks.*.attn*.*", "transformer_blocks.*.attn*.to_out.0", "transformer_blocks.*.ff*.net.0.proj",
+            "transformer_blocks.*.ff*.net.2", "transformer_blocks.*.norm1*.linear",
+        )),
         cache_blocks=("transformer_blocks",),
         vae_attr="vae",
         text_encoder_attrs=("text_encoder", "text_encoder_2", "text_encoder_3"),  # CLIP-L, CLIP-G, T5-XXL

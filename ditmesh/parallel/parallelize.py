@@ -10,14 +10,14 @@ import torch.distributed as dist
 from ditmesh.config import CacheConfig, ParallelConfig
 from ditmesh.models import adapter_for, denoisers
 from ditmesh.parallel import cache as step_cache
-from ditmesh.parallel import cfg, data, fastpath, graphs, sequence, tensor, text, validate, vae
+from ditmesh.parallel import cfg, data, fastpath, graphs, quantize as fp8, sequence, tensor, text, validate, vae
 from ditmesh.parallel.mesh import ParallelMesh
 from ditmesh.parallel.pipefusion import apply_pipefusion
 
 
 def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = None, *, compile: bool | None = None,
                 autotune: bool = False, cuda_graphs: bool | None = None, max_graphs: int = graphs.MAX_GRAPHS,
-                cache: CacheConfig | str | None = None) -> Any:
+                cache: CacheConfig | str | None = None, quantize: str | None = None) -> Any:
     """Make a diffusers pipeline (or a bare transformer) run under `config` on this rank.
 
     Call it on every rank, after torch.distributed is initialised (`DistributedRunner` does
@@ -41,15 +41,25 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     `cache` (a `CacheConfig` or its string form, e.g. "fbcache,threshold=0.1") skips all blocks
     but the first on steps that change little, with one decision per step for every rank
     (`cache.py`); each call then reports ``computed_steps``.
+
+    `quantize="fp8"` runs the denoiser's block linears as fp8 matmuls with rowwise scales
+    (torchao; `quantize.py`: bf16 weights in, needs compute capability >= 8.9 on CUDA); it
+    composes with every strategy, compile, CUDA graphs and `cache`.
     """
     cache = cache if isinstance(cache, CacheConfig) else CacheConfig.parse(cache)
+    quantize = fp8.normalize(quantize)
     if config.world_size == 1 and not dist.is_initialized():
         # One process: on CUDA the single-GPU fast path; on CPU the pipeline as it is. The step
         # cache graphs its own pieces (first block | the rest | the residual add), not the whole step.
+        if quantize:
+            fp8.check(pipe, adapter_for(pipe), quantize, "cuda" if _on_cuda(pipe) else "cpu")
         if _on_cuda(pipe):
             pipe = fastpath.apply_fastpath(pipe, compile=compile is not False, autotune=autotune,
                                            cuda_graphs=cuda_graphs is not False and not cache.enabled,
-                                           max_graphs=max_graphs)
+                                           max_graphs=max_graphs, quantize=quantize)
+        elif quantize:
+            for denoiser in denoisers(pipe, adapter_for(pipe)).values():
+                fp8.apply(denoiser, adapter_for(pipe), quantize)
         if cache.enabled:
             pipe = step_cache.apply(pipe, adapter_for(pipe), cache, cuda_graphs=_on_cuda(pipe) and cuda_graphs is not False)
         return pipe
@@ -61,6 +71,7 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     #    collectives and any weight change, so all ranks raise the same ValueError and stay usable.
     _validate(pipe, config, mesh)
     step_cache.check(pipe, config, cache, adapter)
+    fp8.check(pipe, adapter, quantize, "cuda" if _on_cuda(pipe) else "cpu", config.tensor_degree)
     mesh = mesh or ParallelMesh.build(config)
     # 0b. text encoders and VAE on the ranks that share an image (every axis but data): the prompt
     #    is encoded on one of them and broadcast, the VAE splits each image's rows over them. They
@@ -86,6 +97,11 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
         fastpath.prefer_cudnn_attention(denoiser)
         if whole:
             fastpath.fuse_qkv(denoiser)
+    # 1c. fp8: quantise the linears as step 1b left them (a fused Q/K/V weight is quantised once,
+    #    its parts become views of it), before step 2b compiles the blocks and 2c captures them.
+    #    Local to each rank (tensor parallelism is refused with it in step 0).
+    for denoiser in experts:
+        fp8.apply(denoiser, adapter, quantize)
     # 2. sequence (ulysses, ring): split/gather hooks and sequence-parallel attention processors,
     #    on the denoiser itself: before step 3 replaces it (PipeFusion's stale-K/V processors wrap
     #    these, and its stage loop shards each patch with their context) and before step 4 wraps it

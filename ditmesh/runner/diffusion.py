@@ -42,7 +42,7 @@ class DiffusionWorker(DistributedWorker):
     def setup(self, model: str = "tiny-flux", parallel: str | ParallelConfig = "ulysses=2", dtype: str = "float32",
               compile: bool | None = None, cuda_graphs: bool | None = None, loras: list | None = None,
               max_graphs: int | None = None, warmup: bool = False, lora_dir: str | None = None,
-              cache: str | None = None) -> None:
+              cache: str | None = None, quantize: str | None = None) -> None:
         """Load `model` (a tiny name or a local diffusers folder) in `dtype` on this rank's device
         and parallelize it with `parallel` (a `ParallelConfig` or its string form). `compile` and
         `cuda_graphs` are `parallelize`'s (None: compiled on CUDA, each step one CUDA graph).
@@ -51,7 +51,8 @@ class DiffusionWorker(DistributedWorker):
         here, so the compile and capture happen before the first request (seconds in info["warmup_s"]).
         `lora_dir`: a folder of LoRAs loaded by name, inactive; a request turns some on with
         ``loras={"name": scale}`` (`loras` stay on in every request). `cache`: `parallelize`'s step
-        caching (string form of `CacheConfig`, e.g. "fbcache,threshold=0.1")."""
+        caching (string form of `CacheConfig`, e.g. "fbcache,threshold=0.1"). `quantize`: "fp8" or None
+        (`parallelize`'s)."""
         config = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig.parse(parallel)
         config.check_world_size(self.world_size)
         pipe = load_pipeline(model, dtype=dtype, device=self.device)
@@ -66,7 +67,8 @@ class DiffusionWorker(DistributedWorker):
         self._active_loras = self._fixed_loras
         extra = {} if max_graphs is None else dict(max_graphs=max_graphs)
         mesh = ParallelMesh.build(config) if dist.is_initialized() else None  # None: one process, no group
-        self.pipe = parallelize(pipe, config, mesh, compile=compile, cuda_graphs=cuda_graphs, cache=cache, **extra)
+        self.pipe = parallelize(pipe, config, mesh, compile=compile, cuda_graphs=cuda_graphs, cache=cache,
+                                quantize=quantize, **extra)
         self._step_group = _step_group(mesh)
         if warmup:
             started = time.perf_counter()

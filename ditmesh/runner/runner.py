@@ -33,7 +33,7 @@ from typing import Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
-from ditmesh.runner import protocol
+from ditmesh.runner import procs, protocol
 from ditmesh.runner.protocol import RanksStuck, RemoteError, RunnerBroken, WorkerDied
 from ditmesh.runner.worker import (STACK_SIGNAL, DistributedWorker, WorkerSpec, rank_identity, stack_path,
                                    worker_main)
@@ -618,10 +618,10 @@ class DistributedRunner:
 
     def _spawn(self, spec: WorkerSpec) -> None:
         loop = asyncio.get_running_loop()
-        context = multiprocessing.get_context("spawn")
+        context = procs.context()
         self._procs, self._exited = [], {}
         for rank in range(self.world_size):
-            proc = context.Process(target=worker_main, args=(rank, spec), daemon=True, name=f"ditmesh-rank-{rank}")
+            proc = procs.process(context, worker_main, (rank, spec), daemon=True, name=f"ditmesh-rank-{rank}")
             proc.start()
             self._procs.append(proc)
             self._exited[rank] = loop.create_future()

@@ -1,0 +1,27 @@
+"""Imported once, by the fork server ranks start from (`procs.py`), never by anything else.
+
+Every rank of every runner and test pool imports these: torch, ditmesh's strategies and the
+diffusers / transformers classes the built-in and common pipelines are made of (lazily
+loaded by those libraries, so an import of the top package alone does not do it). Imports only:
+no thread, device, process group or model is created here, so a child forked after it is as
+clean as a spawned one.
+"""
+
+import atexit
+import os
+
+import torch  # noqa: F401
+import torch.distributed  # noqa: F401
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline,  # noqa: F401
+                       StableDiffusionXLPipeline, WanPipeline)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel  # noqa: F401
+
+import ditmesh.models.tiny  # noqa: F401
+import ditmesh.parallel.parallelize  # noqa: F401
+import ditmesh.runner.diffusion  # noqa: F401
+import ditmesh.runner.worker  # noqa: F401
+
+# The server ends when its parent does. Leave without the interpreter's teardown: triton's
+# bindings (imported by diffusers) print pages of "nanobind: leaked ..." there. The ranks are
+# unaffected: multiprocessing ends a forked child with os._exit, past any atexit handler.
+atexit.register(os._exit, 0)
