@@ -7,7 +7,7 @@
 
 Rows (`--configs`): ulysses=2, ring=2, tensor=2, pipefusion=2, data=2 on a FLUX.1-dev-sized
 FluxPipeline and cfg=2 on an SD3.5-large-sized StableDiffusion3Pipeline with guidance (random bf16
-weights, 1024², tiny text encoders and VAE: `benchmarks/multi_gpu.py`'s builders), each in every
+weights, 1024², tiny text encoders and VAE: `harness.build_pipeline`), each in every
 `--modes` (eager: `compile=False`; compiled: parallelize's default; eager-graphs: `compile=False,
 cuda_graphs=True`). Every row is just `parallelize(pipe, ParallelConfig.parse(config), compile=...)`,
 so a strategy that raises (e.g. compile=True with tensor or PipeFusion before they compile) is a
@@ -33,37 +33,28 @@ Writes benchmarks/results/strategies_<tag>.{json,md} (tag: h200, h200_x2, cpu...
 
 from __future__ import annotations
 
+import harness  # noqa: I001  first: the repository on sys.path, NVLink multicast off
+
+import argparse
+import json
 import os
+import statistics
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable
 
-os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+import torch
+import torch.distributed as dist
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from ditmesh import ParallelConfig, parallelize
+from ditmesh.models.flux import FLUX_DEV_CONFIG
+from ditmesh.models.sd3 import SD35_LARGE_CONFIG
+from ditmesh.parallel import fastpath
+from ditmesh.parallel.mesh import ParallelMesh
 
-import warnings  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.multi_gpu import QUICK_GPU, TINY_CPU, build_pipeline  # noqa: E402
-from ditmesh import ParallelConfig, parallelize  # noqa: E402
-from ditmesh.models.flux import FLUX_DEV_CONFIG  # noqa: E402
-from ditmesh.models.sd3 import SD35_LARGE_CONFIG  # noqa: E402
-from ditmesh.parallel import fastpath  # noqa: E402
-from ditmesh.parallel.mesh import ParallelMesh  # noqa: E402
-
-OUT_DIR = Path(__file__).resolve().parent / "results"
+OUT_DIR = harness.RESULTS
 CONFIGS = ("ulysses=2", "ring=2", "cfg=2", "tensor=2", "pipefusion=2", "data=2")
 MODES = ("eager", "compiled", "eager-graphs")
 DIFFUSERS_HAS = ("ulysses", "ring")  # strategies diffusers' enable_parallelism offers
@@ -79,35 +70,17 @@ def family_of(config: str) -> str:
 
 def spec_of(family: str, args: argparse.Namespace) -> dict:
     if args.device == "cpu":
-        return dict(TINY_CPU[family])
+        return dict(harness.TINY_CPU[family])
     full = FLUX_DEV_CONFIG if family == "flux" else SD35_LARGE_CONFIG
-    return dict(full, **(QUICK_GPU[family] if args.quick else {}))
-
-
-def random_model(family: str, spec: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The family's transformer with random weights from one seed (the same on every rank): made on
-    the meta device, materialised on `device`, Linear-scale uniform weights, norms 1, biases 0."""
-    import diffusers
-
-    cls = diffusers.FluxTransformer2DModel if family == "flux" else diffusers.SD3Transformer2DModel
-    with torch.device("meta"):
-        model = cls(**spec).to(dtype)
-    model = model.to_empty(device=device).eval()
-    generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim >= 2:
-                bound = 1.0 / math.sqrt(param[0].numel())
-                param.uniform_(-bound, bound, generator=generator)
-            else:
-                param.fill_(0.0 if name.endswith("bias") else 1.0)
-    return model
+    return dict(full, **(harness.QUICK_GPU[family] if args.quick else {}))
 
 
 def fresh_pipeline(family: str, args: argparse.Namespace, device: torch.device) -> Any:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     spec = spec_of(family, args)
-    return build_pipeline(family, spec, device, dtype, transformer=random_model(family, spec, device, dtype))
+    cls = "FluxTransformer2DModel" if family == "flux" else "SD3Transformer2DModel"
+    transformer = harness.random_transformer(spec, device, dtype, cls=cls)  # the same weights on every rank
+    return harness.build_pipeline(family, spec, device, dtype, transformer=transformer)
 
 
 def call_inputs(family: str, args: argparse.Namespace, device: torch.device, images: int = 1) -> dict:
@@ -156,12 +129,10 @@ def build_ditmesh(config: str, mode: str, args, device, meshes: dict) -> Any:
 def build_diffusers(config: str, mode: str, args, device) -> Any:
     from diffusers import ContextParallelConfig
 
-    from benchmarks.peers import _one_accelerator_on_cpu
-
     pipe = fresh_pipeline("flux", args, device)
     parsed = ParallelConfig.parse(config)
     pipe.transformer.set_attention_backend("_native_cudnn" if device.type == "cuda" else "native")
-    with _one_accelerator_on_cpu(device):
+    with harness.one_accelerator_on_cpu(device):
         pipe.transformer.enable_parallelism(config=ContextParallelConfig(
             ulysses_degree=parsed.ulysses_degree, ring_degree=parsed.ring_degree))
     if mode == "compiled":
@@ -172,22 +143,17 @@ def build_diffusers(config: str, mode: str, args, device) -> Any:
 # ---- timing ---------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def loop_step_ms(pipe: Any, inputs: dict, args, device: torch.device) -> float:
     """Median over --loops of one call of --steps steps, / steps, after a 2-step warm-up call
     (compile, graph capture), max over ranks (every rank calls this: the calls are collective)."""
     pipe(**inputs, num_inference_steps=2)
     times = []
     for _ in range(args.loops):
-        _sync(device)
+        harness.sync(device)
         dist.barrier()
         begin = time.perf_counter()
         pipe(**inputs, num_inference_steps=args.steps)
-        _sync(device)
+        harness.sync(device)
         times.append((time.perf_counter() - begin) * 1e3 / args.steps)
     slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
@@ -202,7 +168,7 @@ def gpu_busy_ms(pipe: Any, inputs: dict, args, device: torch.device) -> float | 
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         pipe(**inputs, num_inference_steps=args.steps)
-        _sync(device)
+        harness.sync(device)
     busy_us = sum(e.self_device_time_total for e in prof.key_averages()
                   if e.device_type == torch.autograd.DeviceType.CUDA)
     return busy_us / 1e3 / args.steps
@@ -220,17 +186,10 @@ def timed(build: Callable[[], Any], inputs: dict, args, device, busy: bool) -> d
     except Exception as exc:  # a strategy that raises is a row with its error, not a crash
         if os.environ.get("STRATEGIES_TRACEBACK"):
             traceback.print_exc()
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+        return {"error": f"{type(exc).__name__}: {harness.first_line(exc)}"}
     finally:
         del pipe
-        _free(device)
-
-
-def _free(device: torch.device) -> None:
-    torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        harness.free()
 
 
 # ---- the rows ---------------------------------------------------------------------------------
@@ -272,9 +231,7 @@ def run_rows(args: argparse.Namespace, device: torch.device, kind: str, emit: Ca
 
 
 def fake_rank(args: argparse.Namespace) -> None:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", rank=0, world_size=2, store=FakeStore())
+    harness.init_fake(2)
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -293,15 +250,7 @@ def fake_rank(args: argparse.Namespace) -> None:
 
 
 def real_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cuda = args.device == "cuda"
-    if cuda:
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank) if cuda else None)
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if not cuda:
-        torch.set_num_threads(1)
+    device = harness.init_rank(rank, world, port, args.device)
     done: list[dict] = []
 
     def emit(row: dict) -> None:
@@ -317,12 +266,7 @@ def real_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> Non
 
 
 def tag_of(args, device: torch.device, real: bool) -> str:
-    if device.type == "cpu":
-        base = "cpu"
-    else:
-        name = torch.cuda.get_device_name(device).lower()
-        base = next((g for g in ("h200", "h100", "a100", "l40s") if g in name), "gpu")
-    return base + ("_x2" if real else "") + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    return harness.machine_tag(device, 2 if real else None) + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -374,16 +318,13 @@ def write(rows: list[dict], args, device: torch.device, tag: str, quiet: bool = 
     import diffusers
 
     kind = rows[0]["kind"] if rows else ""
-    env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", kind=kind,
-               command=" ".join(["python3 benchmarks/strategies.py", *sys.argv[1:]]),
+    env = dict(device=harness.device_name(device), kind=kind, command=harness.command(),
                torch=torch.__version__, diffusers=diffusers.__version__, steps=args.steps, loops=args.loops,
                models=("tiny CPU models" if device.type == "cpu" else
                        f"FLUX.1-dev / SD3.5-large-architecture transformers{' (few blocks: --quick)' if args.quick else ''}, "
                        f"random bf16 weights, {args.size}x{args.size}, {args.text_len} text tokens"),
                notes=NOTES_FAKE if kind == "fake-rank" else NOTES_REAL)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"strategies_{tag}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    (args.out / f"strategies_{tag}.md").write_text(markdown(rows, env))
+    harness.write_results(args.out / f"strategies_{tag}", {"env": env, "rows": rows}, markdown(rows, env))
     if not quiet:
         print(f"wrote {args.out / f'strategies_{tag}.md'}", flush=True)
 
@@ -395,8 +336,7 @@ def merge(paths: list[Path], out_stem: Path) -> None:
     reports = [json.loads(p.read_text()) for p in paths]
     env = dict(reports[0]["env"], command="`; `".join(r["env"]["command"] for r in reports))
     rows = [row for r in reports for row in r["rows"]]
-    out_stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows, "merged_from": [p.name for p in paths]}, indent=1))
-    out_stem.with_suffix(".md").write_text(markdown(rows, env))
+    harness.write_results(out_stem, {"env": env, "rows": rows, "merged_from": [p.name for p in paths]}, markdown(rows, env))
     print(f"wrote {out_stem}.md")
 
 
@@ -458,10 +398,7 @@ def main() -> None:
     world = 2
     if not cpu and torch.cuda.device_count() < world:
         raise ValueError(f"--real needs 2 GPUs, {torch.cuda.device_count()} visible; drop --real for the fake-rank rows")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(real_rank, args=(world, port, args), nprocs=world)
+    harness.spawn(real_rank, world, args)
 
 
 if __name__ == "__main__":
