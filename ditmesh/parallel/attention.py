@@ -125,11 +125,11 @@ class SequenceContext:
 
     @property
     def ulysses_size(self) -> int:
-        return self.ulysses_group.size()
+        return dist.get_world_size(self.ulysses_group)
 
     @property
     def ring_size(self) -> int:
-        return self.ring_group.size()
+        return dist.get_world_size(self.ring_group)
 
 
 def attention(q_BHSD, k_BHSD, v_BHSD, *, ctx: SequenceContext | None = None, scale: float | None = None, backend: str = "auto"):
@@ -241,7 +241,7 @@ def _attend_block(qi, ki, vi, qt, kt, vt, ctx: SequenceContext, scale, num_text:
     # Padding sits at the end of each stream: ring block r holds tokens [r*block, (r+1)*block).
     valid_t = [min(max(num_text - r * text_block, 0), text_block) for r in range(ctx.ring_size)]
     valid_i = [min(max(ctx.num_tokens - r * image_block, 0), image_block) for r in range(ctx.ring_size)]
-    rank = ctx.ring_group.rank()
+    rank = dist.get_rank(ctx.ring_group)
     q = torch.cat([qt, qi], dim=2)
     # Keys: this block's real tokens first, its padding last (key order does not matter).
     k, v = (_valid_first(text, image, valid_t[rank], valid_i[rank]) for text, image in ((kt, ki), (vt, vi)))
@@ -317,32 +317,26 @@ class RedirectSDPA(TorchFunctionMode):
     """While active, `F.scaled_dot_product_attention` calls go to ``fn(sdpa, *args, **kwargs)``;
     every other torch function runs unchanged. Strategies enter it only inside one attention
     processor call. The mode is off inside its own handler (no recursion); a mode entered after
-    it handles the call first.
+    it handles the call first."""
 
-    `as_methods` (for torch.compile, the default): Tensor methods written in Python (`unflatten`,
-    `split`, ...) are called as methods, which dynamo traces where it cannot trace them handed
-    over as functions. Eager callers pass False: every torch call of the processor passes through
-    here (~60 per FLUX block), so in eager inference the handler's own cost is host time on every
-    rank's critical path, and the plain call is the cheapest."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor], as_methods: bool = True):
+    def __init__(self, fn: Callable[..., torch.Tensor]):
         super().__init__()
         self.fn = fn
         self.calls = 0
-        self.as_methods = as_methods
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is _SDPA:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
             self.calls += 1
-            return self.fn(func, *args, **(kwargs or {}))
-        if self.as_methods:
-            name = getattr(func, "__name__", None)
-            if _PYTHON_TENSOR_METHODS.get(name) is func:
-                return getattr(args[0], name)(*args[1:], **(kwargs or {}))
-        return func(*args, **kwargs) if kwargs else func(*args)
+            return self.fn(func, *args, **kwargs)
+        name = getattr(func, "__name__", None)
+        if _PYTHON_TENSOR_METHODS.get(name) is func:
+            # Same call, as a method: torch.compile cannot trace these Python-level Tensor methods
+            # when a mode hands them over as functions (their `super()` call), but traces methods.
+            return getattr(args[0], name)(*args[1:], **kwargs)
+        return func(*args, **kwargs)
 
 
-_SDPA = F.scaled_dot_product_attention
 # Tensor methods written in Python (unflatten, split, ...), by name.
 _PYTHON_TENSOR_METHODS = {name: func for name, func in vars(torch.Tensor).items() if inspect.isfunction(func)}
 
@@ -368,7 +362,7 @@ class SequenceParallelProcessor:
 
     def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         to = _sdpa_to_cross_attention if self.cross else _sdpa_to_attention
-        route = RedirectSDPA(lambda _sdpa, *a, **k: to(self.ctx, *a, **k), as_methods=torch.compiler.is_compiling())
+        route = RedirectSDPA(lambda _sdpa, *a, **k: to(self.ctx, *a, **k))
         with route:
             out = self.inner(attn, *args, **kwargs)
         if route.calls == 0 and self.ctx.num_tokens is not None:

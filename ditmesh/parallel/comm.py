@@ -50,7 +50,7 @@ def start_exchange(x_W: torch.Tensor, group: dist.ProcessGroup) -> Callable[[], 
 
     Ordering hazard: one group's collectives run in the order they are started, so every rank
     must start them in the same order (a rank finishing them in another order is fine)."""
-    if group.size() == 1:
+    if dist.get_world_size(group) == 1:
         return lambda: x_W
     if _plain_call():
         out = torch.empty_like(x_W, memory_format=torch.contiguous_format)

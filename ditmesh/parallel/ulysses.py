@@ -43,7 +43,7 @@ def start_heads_to_sequence(streams_BHSD: list[torch.Tensor], group: dist.Proces
     that stream (rank r's shard at [r*S_i/U, (r+1)*S_i/U)), in one all-to-all: the heads
     [start, end) of every rank's share (all Hp/U of them when None), H zero-padded to Hp, a
     multiple of U. Started, not waited: returns ``finish()`` -> per stream (B, end - start, S_i, D)."""
-    degree = group.size()
+    degree = dist.get_world_size(group)
     lengths = [x.shape[2] for x in streams_BHSD]
     joint = pad_dim(torch.cat(streams_BHSD, dim=2), 1, padded_heads(streams_BHSD[0].shape[1], degree))
     per_rank = joint.unflatten(1, (degree, -1))  # (B, U, Hp/U, sum S_i/U, D): rank r's heads at [:, r]
@@ -64,7 +64,7 @@ def start_sequence_to_heads(streams_BhSD: list[torch.Tensor], group: dist.Proces
     """Start the inverse exchange of one head group (B, h, S_i, D) per stream, back to token
     shards; ``finish()`` -> (U, B, h, sum S_i/U, D): [r] is rank r's heads of the group for this
     rank's tokens (`join_head_groups` assembles the groups)."""
-    degree = group.size()
+    degree = dist.get_world_size(group)
     lengths = [x.shape[2] // degree for x in streams_BhSD]
     # (U, B, h, sum S_i/U, D): chunk r holds rank r's tokens of each stream, this rank's heads.
     send = torch.cat([x.unflatten(2, (degree, n)).permute(2, 0, 1, 3, 4) for x, n in zip(streams_BhSD, lengths)], dim=3)
@@ -94,7 +94,7 @@ def start_packed_exchange(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: to
     """Start sending heads [start, end) of every rank's share (H/U each) of this rank's S/U tokens
     to that rank; ``finish()`` -> q, k, v (B, end - start, S, D) over the group's tokens, rank
     r's at [r*S/U, (r+1)*S/U) (strided views of the receive buffer)."""
-    degree = group.size()
+    degree = dist.get_world_size(group)
 
     def per_rank(x):  # (B, H, S/U, D) -> (U, S/U, B, h, D) view
         return x.permute(2, 0, 1, 3).unflatten(2, (degree, -1))[:, :, :, heads[0]:heads[1]].permute(2, 0, 1, 3, 4)
@@ -111,7 +111,7 @@ def start_packed_exchange(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: to
 def start_packed_return(out_BhSD: torch.Tensor, group: dist.ProcessGroup) -> Callable[[], torch.Tensor]:
     """Send each rank the attention output of its tokens, (B, h, S, D) -> ``finish()`` ->
     (U, S/U, B, h, D): [r] is rank r's heads of the group for this rank's tokens."""
-    degree = group.size()
+    degree = dist.get_world_size(group)
     return start_exchange(out_BhSD.permute(2, 0, 1, 3).unflatten(0, (degree, -1)), group)
 
 
