@@ -219,7 +219,7 @@ def test_stale_kv_reads_previous_step_or_this_step():
     grid = Grid(rows=2, cols=1, unit=1)
 
     def attend(patch_index: int, fresh: float) -> float:
-        context.patch = Patch(patch_index, patch_index + 1, grid)
+        context.enter(Patch(patch_index, patch_index + 1, grid), torch.device("cpu"))
         kv = torch.tensor([-1.0, fresh]).reshape(1, 1, 2, 1)  # (B, H, text + patch, D)
         out = processor(None, torch.zeros(1, 1, 2, 1), kv, kv.clone())
         return out[0, 0, 0, 0].item()
