@@ -44,6 +44,7 @@ from benchmarks.pipefusion_nccl import random_transformer  # noqa: E402
 from ditmesh import ParallelConfig, parallelize  # noqa: E402
 from ditmesh.models.flux import FLUX_DEV_CONFIG, FLUX_STAGE_PLAN  # noqa: E402
 from ditmesh.parallel import fastpath, graphs  # noqa: E402
+from ditmesh.parallel.mesh import ParallelMesh  # noqa: E402
 from ditmesh.parallel.pipefusion.schedule import build_items  # noqa: E402
 
 
@@ -122,7 +123,10 @@ def tensor_rows(s: dict) -> list[dict]:
     rows = []
     for mode in ("eager", "compiled"):
         model = random_transformer(s["spec"], s["device"], s["dtype"])
-        model = parallelize(model, ParallelConfig(tensor_degree=2), compile=mode == "compiled", cuda_graphs=False)
+        config = ParallelConfig(tensor_degree=2)
+        # The mesh on the GPU: a fake group's backend is not NCCL, which build() would take for CPU.
+        mesh = ParallelMesh.build(config, s["device"].type)
+        model = parallelize(model, config, mesh, compile=mode == "compiled", cuda_graphs=False)
         reset(s["device"])
         tic = time.perf_counter()
         with torch.no_grad():
@@ -150,7 +154,7 @@ def pipefusion_rows(s: dict, compile: bool) -> list[dict]:
         transformer = random_transformer(s["spec"], s["device"], s["dtype"])
         pipe = build_pipeline("flux", s["spec"], s["device"], s["dtype"], transformer=transformer)
         config = ParallelConfig(pipefusion_degree=2, pipefusion_patches=s["patches"], warmup_steps=0)
-        pipe = parallelize(pipe, config, compile=compile)
+        pipe = parallelize(pipe, config, ParallelMesh.build(config, s["device"].type), compile=compile)
         stage = pipe.transformer._stage
         kwargs = {k: v for k, v in s["inputs"].items() if k != "return_dict"}
         latent = kwargs["hidden_states"]
