@@ -294,6 +294,8 @@ def fuse_qkv(target: nn.Module, mesh: Any, adapter: Any) -> int:
 
     if getattr(type(target), "fuse_qkv_projections", None) is not AttentionMixin.fuse_qkv_projections:
         return 0
+    if any("Added" in type(processor).__name__ for processor in target.attn_processors.values()):
+        return 0  # diffusers refuses these too: their processors project the added K/V separately
     tp_mesh, count = mesh.submesh("tensor"), 0
     for attn in _plan_of(adapter).attention_modules(target).values():
         if not getattr(attn, "_supports_qkv_fusion", False) or getattr(attn, "is_cross_attention", False) \
