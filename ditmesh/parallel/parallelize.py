@@ -33,9 +33,10 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     compile; `benchmarks/scaling.py` measures what it gains). `cuda_graphs` replays each denoiser
     step as one captured CUDA graph, the collectives of compiled blocks inside it (`graphs.py`;
     None: on one GPU, and under a process group where the blocks are compiled; True: also eager
-    under a process group; never under PipeFusion, whose P2P schedule runs inside the call). Issuing a compiled FLUX step takes the host 30-50 ms, more than one
-    rank's GPU work at 4 or 8 GPUs (one rank of ulysses=8: 38.1 ms issued block by block, 23.4 ms
-    as one graph; benchmarks/results/peers_h200_fake8.md). `max_graphs` bounds the graphs kept
+    under a process group; never under PipeFusion, whose P2P schedule runs inside the call).
+    Issuing a compiled FLUX step takes the host 30-50 ms, more than one rank's GPU work at 4 or
+    8 GPUs (one rank of ulysses=8: 38.1 ms issued block by block, 23.4 ms as one graph;
+    benchmarks/results/peers_h200_fake8.md). `max_graphs` bounds the graphs kept
     (one per input shape and LoRA adapter set, least recently used dropped).
 
     `cache` (a `CacheConfig` or its string form, e.g. "fbcache,threshold=0.1") skips all blocks
