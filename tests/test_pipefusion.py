@@ -24,14 +24,14 @@ SIZE = 128  # pixels: 16x16 latents, 8 token rows of 8 tokens (FLUX and SD3)
 GUIDANCE = {"tiny-flux": 3.5, "tiny-sd3": 5.0}  # SD3: batched CFG on
 
 
-def _generate(name: str, config_text: str | None, steps: int) -> torch.Tensor:
+def _generate(name: str, config_text: str | None, steps: int, compile: bool | None = None) -> torch.Tensor:
     """Images (1, 3, SIZE, SIZE) in [0, 1] from a tiny pipeline, parallelized when config_text is set."""
     from ditmesh import ParallelConfig, parallelize
     from ditmesh.models.tiny import tiny_pipeline
 
     pipe = tiny_pipeline(name)
     if config_text is not None:
-        pipe = parallelize(pipe, ParallelConfig.parse(config_text))
+        pipe = parallelize(pipe, ParallelConfig.parse(config_text), compile=compile)
     with torch.no_grad():
         out = pipe(prompt="a red cube", num_inference_steps=steps, height=SIZE, width=SIZE, output_type="pt",
                    guidance_scale=GUIDANCE[name], generator=torch.Generator().manual_seed(0))
@@ -62,6 +62,33 @@ def test_full_warmup_equals_serial(pools, name, world):
     images = pools(world).run(_generate, name, f"pipefusion={world},warmup_steps={steps}", steps)
     for image in images:  # every rank decodes the same latents
         torch.testing.assert_close(image, _serial(name, steps), atol=1e-4, rtol=0)
+
+
+def _generate_compiled(name: str, config_text: str, steps: int) -> tuple[torch.Tensor, int]:
+    """`_generate` with the stage's blocks compiled (parallelize(compile=True)); (images, graphs).
+    Inductor takes minutes on a shared CPU; aot_eager traces the same graphs and runs them eagerly."""
+    from torch._dynamo.utils import counters
+
+    from ditmesh.parallel import fastpath
+
+    defaults = fastpath.compile_repeated_blocks.__kwdefaults__
+    backend, defaults["backend"] = defaults["backend"], "aot_eager"
+    counters.clear()
+    try:
+        return _generate(name, config_text, steps, compile=True), counters["stats"]["unique_graphs"]
+    finally:
+        defaults["backend"] = backend
+        torch._dynamo.reset()
+
+
+def test_compiled_stages_equal_serial(pools):
+    # The first item runs eagerly (it sizes the stale-K/V buffers), the next steps' items compiled.
+    # Fails if parallelize refuses compile=True under PipeFusion or the compiled splice differs.
+    steps = 3
+    for image, graphs in pools(2).run(_generate_compiled, "tiny-flux", f"pipefusion=2,warmup_steps={steps}", steps,
+                                      timeout=300):
+        assert graphs >= 1, graphs  # each stage's blocks ran compiled
+        torch.testing.assert_close(image, _serial("tiny-flux", steps), atol=1e-4, rtol=0)
 
 
 # ---- staleness: measured, shrinking with warm-up ----------------------------------------------
@@ -219,7 +246,7 @@ def test_stale_kv_reads_previous_step_or_this_step():
     grid = Grid(rows=2, cols=1, unit=1)
 
     def attend(patch_index: int, fresh: float) -> float:
-        context.patch = Patch(patch_index, patch_index + 1, grid)
+        context.enter(Patch(patch_index, patch_index + 1, grid), torch.device("cpu"))
         kv = torch.tensor([-1.0, fresh]).reshape(1, 1, 2, 1)  # (B, H, text + patch, D)
         out = processor(None, torch.zeros(1, 1, 2, 1), kv, kv.clone())
         return out[0, 0, 0, 0].item()

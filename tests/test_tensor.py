@@ -177,6 +177,34 @@ def _parallelize_pipeline_diff(name: str) -> float:
     return (got - expected).abs().max().item()
 
 
+def _compiled_diff() -> tuple[float, int, int]:
+    """parallelize(compile=True) at tensor=W on a 1+1-block FLUX, Q/K/V fused on each rank's heads
+    (what the CUDA fast path adds), vs the serial model: (max abs diff, fused modules, graphs)."""
+    from torch._dynamo.utils import counters
+
+    from ditmesh.parallel import fastpath
+
+    build = lambda: tiny_flux_transformer(num_layers=1, num_single_layers=1)  # noqa: E731
+    serial, model, inputs = build(), build(), flux_transformer_inputs(height=16, width=16)
+    mesh = _tensor_mesh()
+    # Inductor takes minutes on a shared CPU; aot_eager traces the same graphs (DTensor desugared,
+    # functional collectives inside) and runs them eagerly. The GPU path (inductor) is measured
+    # by benchmarks/tp_step.py.
+    defaults = fastpath.compile_repeated_blocks.__kwdefaults__
+    backend, defaults["backend"] = defaults["backend"], "aot_eager"
+    counters.clear()
+    try:
+        model = ditmesh.parallelize(model, mesh.config, mesh, compile=True)
+        fused = tensor.fuse_qkv(model, mesh, adapter_for(model))
+        with torch.no_grad():
+            got, expected = model(**inputs)[0], serial(**inputs)[0]
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        defaults["backend"] = backend
+        torch._dynamo.reset()
+    return (got - expected).abs().max().item(), fused, graphs
+
+
 def _sdxl_message() -> str:
     try:
         ditmesh.parallelize(tiny_sdxl_unet(), ParallelConfig(tensor_degree=dist.get_world_size()))
@@ -267,3 +295,11 @@ def test_parallelize_pipeline(pools):
 def test_no_plan_is_a_value_error(pools):
     for message in pools(2).run(_sdxl_message):
         assert "no plan for sdxl" in message, message
+
+
+def test_compiled_with_fused_qkv_matches_serial(pools):
+    # Fails without the TP fusion (tensor.fuse_qkv missing) or when parallelize refuses compile=True.
+    for diff, fused, graphs in pools(2).run(_compiled_diff, timeout=300):
+        assert fused == 2, fused  # the double block's (image and text Q/K/V) and the single block's module
+        assert graphs >= 2, graphs  # one per block class at least: the blocks really ran compiled
+        assert diff <= FORWARD_ATOL, diff

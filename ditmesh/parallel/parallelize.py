@@ -25,17 +25,18 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     in parallel; rank 0 holds the complete result. With a serial config and no process group
     the pipeline is returned as it is (on CUDA, with the single-GPU fast path).
 
-    On CUDA the fast path's steps apply under every config that leaves the denoiser's layers
-    whole (tensor and PipeFusion degree 1): fused Q/K/V, cuDNN attention first and regional
+    On CUDA the fast path's steps apply under every config: fused Q/K/V (on each rank's heads
+    under tensor parallelism; not under PipeFusion), cuDNN attention first and regional
     `torch.compile` of the repeated blocks, collectives included. `compile` overrides the last
     (None: compile on CUDA only; the first forward then compiles, for seconds). `autotune=True`
     adds inductor's coordinate-descent kernel tuning to the compile (many times slower to
     compile; `benchmarks/scaling.py` measures what it gains). `cuda_graphs` replays each denoiser
     step as one captured CUDA graph, the collectives of compiled blocks inside it (`graphs.py`;
     None: on one GPU, and under a process group where the blocks are compiled; True: also eager
-    under a process group). Issuing a compiled FLUX step takes the host 30-50 ms, more than one
-    rank's GPU work at 4 or 8 GPUs (one rank of ulysses=8: 38.1 ms issued block by block, 23.4 ms
-    as one graph; benchmarks/results/peers_h200_fake8.md). `max_graphs` bounds the graphs kept
+    under a process group; never under PipeFusion, whose P2P schedule runs inside the call).
+    Issuing a compiled FLUX step takes the host 30-50 ms, more than one rank's GPU work at 4 or
+    8 GPUs (one rank of ulysses=8: 38.1 ms issued block by block, 23.4 ms as one graph;
+    benchmarks/results/peers_h200_fake8.md). `max_graphs` bounds the graphs kept
     (one per input shape and LoRA adapter set, least recently used dropped).
 
     `cache` (a `CacheConfig` or its string form, e.g. "fbcache,threshold=0.1") skips all blocks
@@ -63,9 +64,11 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
         if cache.enabled:
             pipe = step_cache.apply(pipe, adapter_for(pipe), cache, cuda_graphs=_on_cuda(pipe) and cuda_graphs is not False)
         return pipe
-    for name, value in (("compile", compile), ("cuda_graphs", cuda_graphs)):
-        if value and (config.tensor_degree > 1 or config.pipefusion_degree > 1):
-            raise ValueError(f"{name}=True needs whole blocks; with tensor_degree or pipefusion_degree > 1 pass {name}=None or False")
+    if cuda_graphs and config.pipefusion_degree > 1:
+        # PipeFusion's trajectory interleaves host-driven P2P batches (polled, not awaited) with its
+        # compute, inside one denoiser call: no single graph can hold it (docs/pipefusion.md).
+        raise ValueError("cuda_graphs=True cannot capture PipeFusion's P2P stage schedule; with pipefusion_degree > 1 "
+                         "pass cuda_graphs=None or False (its blocks are still compiled)")
     adapter = adapter_for(pipe)
     # 0. validate: every rule that can refuse this config (validate.py), before the mesh's
     #    collectives and any weight change, so all ranks raise the same ValueError and stay usable.
@@ -90,12 +93,16 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     experts = list(denoisers(pipe, adapter).values())
     for denoiser in experts:
         tensor.apply(denoiser, mesh, adapter, config)
-    # 1b. CUDA fast path, where the layers stay whole (the tensor plan names to_q/to_k/to_v;
-    #    PipeFusion's stage loop is not compiled yet): fused Q/K/V before step 2 wraps the processors.
-    cuda, whole = _on_cuda(pipe), config.tensor_degree == 1 and config.pipefusion_degree == 1
+    # 1b. CUDA fast path: fused Q/K/V before step 2 wraps the processors; under tensor parallelism
+    #    on the local shards of each rank's heads (diffusers' fusion would gather them). Not under
+    #    PipeFusion: LoRAs switched after parallelize (set_adapters) act only on unfused projections,
+    #    and its stage loop calls the blocks, not the forward whose pre-hook re-syncs them.
+    cuda, pipefusion = _on_cuda(pipe), config.pipefusion_degree > 1
     for denoiser in experts if cuda else ():
         fastpath.prefer_cudnn_attention(denoiser)
-        if whole:
+        if config.tensor_degree > 1:
+            tensor.fuse_qkv(denoiser, mesh, adapter)
+        elif not pipefusion:
             fastpath.fuse_qkv(denoiser)
     # 1c. fp8: quantise the linears as step 1b left them (a fused Q/K/V weight is quantised once,
     #    its parts become views of it), before step 2b compiles the blocks and 2c captures them.
@@ -108,9 +115,11 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     #    (the cfg wrapper halves the batch, then the hooks split that half's tokens).
     for denoiser in experts if config.sequence_degree > 1 else ():
         sequence.apply(denoiser, mesh, adapter, config)
-    # 2b. regional compile of the blocks as steps 1-2 left them (Ulysses all-to-alls and the ring's
-    #    all-gather are functional collectives: they sit inside the graphs, no graph break).
-    compiled = bool(cuda if compile is None else compile) and whole
+    # 2b. regional compile of the blocks as steps 1-2 left them (Ulysses all-to-alls, the ring's
+    #    all-gather and tensor parallelism's DTensor all-reduces are functional collectives: they sit
+    #    inside the graphs, no graph break; DTensor's dispatch is traced away). PipeFusion's stages
+    #    call these same block modules (step 3 keeps them), so its blocks are compiled too.
+    compiled = bool(cuda if compile is None else compile)
     if compiled:
         # Head groups need the reordering too: inductor's default schedule starts each group's
         # exchange only after the previous group's attention, which leaves nothing to overlap.
@@ -121,7 +130,7 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     #    their collectives are captured; cfg and data, which wrap it, stay outside).
     #    Every rank captures and replays the same calls (the strategies make them alike), so the
     #    captured collectives pair up on replay as they did when captured.
-    graphed = ((dist.get_world_size() == 1 or compiled) if cuda_graphs is None else cuda_graphs) and cuda and whole
+    graphed = ((dist.get_world_size() == 1 or compiled) if cuda_graphs is None else cuda_graphs) and cuda and not pipefusion
     # 2d. step cache: takes over the calls of the blocks as steps 1-2b left them (sharded, with the
     #    sequence hooks, compiled) and graphs its three pieces itself instead of 2c's whole step,
     #    since its host decision sits between the first block and the rest. Before cfg/data

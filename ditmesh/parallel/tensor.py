@@ -277,6 +277,56 @@ def _sum_grads_over_heads(attn: nn.Module, tp_mesh: DeviceMesh) -> None:
             param.register_hook(lambda grad: _wait(funcol.all_reduce(grad, "sum", tp_mesh)))
 
 
+# ---- fused Q/K/V on sharded heads (the CUDA fast path's step 1, under tensor parallelism) ----
+
+
+def fuse_qkv(target: nn.Module, mesh: Any, adapter: Any) -> int:
+    """One colwise Q/K/V matmul per attention module of a tensor-parallel `target` (after `apply`),
+    where its processors support diffusers' fused projections (FLUX); returns how many were fused.
+
+    diffusers' own `fuse_qkv_projections` would concatenate the DTensor weights along their
+    sharded dim (an all-gather, and the whole width on every rank). Here each rank concatenates its
+    local rows instead: [q_r; k_r; v_r] for its heads, a `Shard(0)` DTensor whose global view is
+    in rank order (like `PackedRowwise`), so ``to_qkv(x).chunk(3, -1)`` gives this rank's q, k, v.
+    The unfused projections become views of it: no weight is stored twice.
+    """
+    from diffusers.models.attention import AttentionMixin  # the same condition as fastpath.fuse_qkv
+
+    if getattr(type(target), "fuse_qkv_projections", None) is not AttentionMixin.fuse_qkv_projections:
+        return 0
+    if any("Added" in type(processor).__name__ for processor in target.attn_processors.values()):
+        return 0  # diffusers refuses these too: their processors project the added K/V separately
+    tp_mesh, count = mesh.submesh("tensor"), 0
+    for attn in _plan_of(adapter).attention_modules(target).values():
+        if not getattr(attn, "_supports_qkv_fusion", False) or getattr(attn, "is_cross_attention", False) \
+                or getattr(attn, "fused_projections", False):
+            continue
+        for fused_name, parts in lora.FUSED_PARTS.items():
+            linears = [getattr(attn, part, None) for part in parts]
+            if all(isinstance(linear, nn.Linear) and isinstance(linear.weight, DTensor) for linear in linears):
+                setattr(attn, fused_name, _fused_colwise(linears, tp_mesh))
+        attn.fused_projections = True
+        count += 1
+    return count
+
+
+def _fused_colwise(linears: list[nn.Linear], tp_mesh: DeviceMesh) -> nn.Linear:
+    """A colwise Linear of this rank's rows of `linears`, stacked; each of `linears` then holds a view."""
+    fused = nn.Linear(linears[0].in_features, sum(linear.out_features for linear in linears),
+                      bias=linears[0].bias is not None, device="meta")
+    for pname in ("weight", "bias") if fused.bias is not None else ("weight",):
+        local = torch.cat([getattr(linear, pname).to_local() for linear in linears])  # (3 * out / T, ...)
+        requires_grad = getattr(linears[0], pname).requires_grad
+        setattr(fused, pname, nn.Parameter(DTensor.from_local(local, tp_mesh, [Shard(0)], run_check=False), requires_grad))
+        offset = 0
+        for linear in linears:
+            rows = getattr(linear, pname).to_local().shape[0]
+            view = DTensor.from_local(local[offset:offset + rows], tp_mesh, [Shard(0)], run_check=False)
+            setattr(linear, pname, nn.Parameter(view, requires_grad))
+            offset += rows
+    return parallelize_module(fused, tp_mesh, ColwiseParallel())
+
+
 def _wait(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.wait() if isinstance(tensor, funcol.AsyncCollectiveTensor) else tensor
 

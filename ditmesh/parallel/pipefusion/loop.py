@@ -12,6 +12,7 @@ that trajectory used, so the pipeline's own scheduler retraces it exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ class Stage:
         self.stage, self.num_stages = self.exchange.stage, len(self.exchange.ranks)
         self.first, self.last = self.stage == 0, self.stage == self.num_stages - 1
         self.last_rank = self.exchange.ranks[-1]
+        self.sized_for: tuple | None = None  # the latent signature the stale-K/V buffers were sized for
 
     def run(self, items: list[Item], step_kwargs: Callable[[int], dict], latent: torch.Tensor,
             update: Callable[[torch.Tensor, int, Item, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
@@ -82,6 +84,10 @@ class Stage:
         schedule = build_schedule(items, self.num_stages)
         self.exchange.connect(latent.device)
         run = _Run(self, schedule, step_kwargs, latent.clone(), update, hidden_shape, times)
+        # A new latent size or batch: the first item (re)allocates the stale-K/V buffers of every
+        # layer, eagerly, so that the compiled blocks never trace an allocation.
+        signature = (tuple(latent.shape), latent.dtype, latent.device)
+        run.eager_first, self.sized_for = signature != self.sized_for, signature
         for tick in schedule.program(self.stage):
             run.tick(tick)
         run.finish()
@@ -92,7 +98,7 @@ class Stage:
         """Run this stage's blocks on one item: stage 0 embeds its latent patch, the others take the
         [text, image] tokens from the previous stage; the last stage returns the prediction."""
         plan, patch = self.plan, self.local(item.patch)
-        self.context.patch = patch
+        self.context.enter(patch, received.device)
         if self.sequence:  # what the sequence-parallel split hook sets for a whole forward
             self.sequence.num_tokens, self.sequence.local_len = patch.num_tokens, patch.num_tokens // self.num_shards
         if self.first:
@@ -125,6 +131,7 @@ class _Run:
         self.returning: list[tuple[int, torch.Tensor, _Posted]] = []  # stage 0: latent patches on their way back
         self.in_flight: list[_Posted] = []  # batches with a send not known to be complete
         self.outputs: list[tuple[Item, torch.Tensor]] = []
+        self.eager_first = False  # run the first computed item eagerly (Stage.run sets it)
 
     def tick(self, tick: Tick) -> None:
         """Compute this tick's item (if any), then post the tick's transfers as one batch."""
@@ -151,7 +158,10 @@ class _Run:
         tic = time.perf_counter()
         received = self._input(index)
         tac = time.perf_counter()
-        result = stage.compute(item, self.step_kwargs(item.step), received, self.latent, self.text)
+        eager = torch.compiler.set_stance("force_eager") if self.eager_first else contextlib.nullcontext()
+        self.eager_first = False
+        with eager:
+            result = stage.compute(item, self.step_kwargs(item.step), received, self.latent, self.text)
         if stage.last:
             region = item.patch.latent(stage.plan.latent_row_dim)
             prediction, self.latent[region] = self.update(result, item.step, item, self.latent[region])

@@ -7,7 +7,7 @@ already passed the stage, else the previous step), as in PipeFusion (xDiT).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -23,6 +23,17 @@ class PatchContext:
 
     patch: Patch | None = None
     text_side: str | None = None  # "first" (FLUX), "last" (SD3) or None
+    token_index: torch.Tensor | None = None
+    """The patch's image token positions (long, on the model's device): what the compiled blocks
+    read instead of the patch's Python ints, so patches of one size share one graph."""
+    _indices: dict = field(default_factory=dict)
+
+    def enter(self, patch: Patch, device: torch.device) -> None:
+        """Make `patch` the one being computed (its index tensor made once per patch and device)."""
+        key = (patch.tokens.start, patch.tokens.stop, device)
+        if key not in self._indices:
+            self._indices[key] = torch.arange(patch.tokens.start, patch.tokens.stop, device=device)
+        self.patch, self.token_index = patch, self._indices[key]
 
 
 class StaleKVProcessor:
@@ -58,17 +69,21 @@ class StaleKVProcessor:
         return sdpa(query, key, value, *args, **kwargs)
 
     def _splice(self, name: str, fresh_BHSD: torch.Tensor) -> torch.Tensor:
-        patch, side = self.context.patch, self.context.text_side
-        n, seq = patch.num_tokens, fresh_BHSD.shape[2]
+        # Under torch.compile only tensors vary here (the patch's index, the buffers): the
+        # patch's ints would specialise a graph per patch; its grid size is the same for all.
+        index, side, grid = self.context.token_index, self.context.text_side, self.context.patch.grid
+        n, seq = index.shape[0], fresh_BHSD.shape[2]
         image_at = seq - n if side == "first" else 0
         text_BHTD = fresh_BHSD[:, :, :image_at] if side == "first" else fresh_BHSD[:, :, n:]
-        buffer = self._buffer(name, fresh_BHSD, patch.grid.rows * patch.grid.cols)
-        buffer[:, :, patch.tokens] = fresh_BHSD[:, :, image_at : image_at + n]
+        buffer = self._buffer(name, fresh_BHSD, grid.rows * grid.cols)
+        buffer.index_copy_(2, index, fresh_BHSD[:, :, image_at : image_at + n])
         parts = (text_BHTD, buffer) if side == "first" else (buffer, text_BHTD)
         return torch.cat(parts, dim=2)
 
     def _buffer(self, name: str, like: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        # Allocated once per resolution/batch; rows are overwritten in place after that.
+        # Allocated once per resolution/batch; rows are overwritten in place after that. The
+        # stage runs the item that allocates them eagerly (loop.py), so compiled blocks find
+        # them in place and every layer's processor guards alike.
         shape = (like.shape[0], like.shape[1], num_tokens, like.shape[3])
         buffer = self.buffers.get(name)
         if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype:
