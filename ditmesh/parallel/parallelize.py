@@ -28,7 +28,9 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     On CUDA the fast path's steps apply under every config: fused Q/K/V (on each rank's heads
     under tensor parallelism; not under PipeFusion), cuDNN attention first and regional
     `torch.compile` of the repeated blocks, collectives included. `compile` overrides the last
-    (None: compile on CUDA only; the first forward then compiles, for seconds). `autotune=True`
+    (None: compile on CUDA only, and there not yet under tensor or PipeFusion degree > 1,
+    whose compiled paths are proven on CPU but not yet measured on a GPU; the first forward then
+    compiles, for seconds). `autotune=True`
     adds inductor's coordinate-descent kernel tuning to the compile (many times slower to
     compile; `benchmarks/scaling.py` measures what it gains). `cuda_graphs` replays each denoiser
     step as one captured CUDA graph, the collectives of compiled blocks inside it (`graphs.py`;
@@ -98,10 +100,14 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     #    PipeFusion: LoRAs switched after parallelize (set_adapters) act only on unfused projections,
     #    and its stage loop calls the blocks, not the forward whose pre-hook re-syncs them.
     cuda, pipefusion = _on_cuda(pipe), config.pipefusion_degree > 1
+    # Compiled by default where measured on GPUs; tensor and PipeFusion compile (CPU-proven with
+    # aot_eager, not yet run on a GPU) only when asked for with compile=True.
+    compiled = bool((cuda and config.tensor_degree == 1 and not pipefusion) if compile is None else compile)
     for denoiser in experts if cuda else ():
         fastpath.prefer_cudnn_attention(denoiser)
         if config.tensor_degree > 1:
-            tensor.fuse_qkv(denoiser, mesh, adapter)
+            if compiled:
+                tensor.fuse_qkv(denoiser, mesh, adapter)
         elif not pipefusion:
             fastpath.fuse_qkv(denoiser)
     # 1c. fp8: quantise the linears as step 1b left them (a fused Q/K/V weight is quantised once,
@@ -119,7 +125,6 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     #    all-gather and tensor parallelism's DTensor all-reduces are functional collectives: they sit
     #    inside the graphs, no graph break; DTensor's dispatch is traced away). PipeFusion's stages
     #    call these same block modules (step 3 keeps them), so its blocks are compiled too.
-    compiled = bool(cuda if compile is None else compile)
     if compiled:
         # Head groups need the reordering too: inductor's default schedule starts each group's
         # exchange only after the previous group's attention, which leaves nothing to overlap.
