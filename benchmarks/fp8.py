@@ -22,64 +22,23 @@ Inductor's caches are off, so every row compiles cold. Writes fp8_<tag>.{json,md
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
 
-os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
-os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
-os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
+import torch
+import torch.nn.functional as F
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from ditmesh import ParallelConfig
+from ditmesh.parallel import fastpath, parallelize, quantize
+from ditmesh.parallel.mesh import ParallelMesh
+from harness import FLUX_DEV, TINY_CPU
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from ditmesh import ParallelConfig  # noqa: E402
-from ditmesh.models.flux import FLUX_DEV_CONFIG  # noqa: E402
-from ditmesh.parallel import fastpath, parallelize, quantize  # noqa: E402
-from ditmesh.parallel.mesh import ParallelMesh  # noqa: E402
-
-QUICK_CONFIG = dict(FLUX_DEV_CONFIG, num_layers=1, num_single_layers=2, num_attention_heads=4, attention_head_dim=16,
-                    joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
-
-
-# ---- model and inputs ----------------------------------------------------------------------------
-
-
-def random_transformer(spec: dict, device: torch.device, seed: int = 0) -> torch.nn.Module:
-    """FluxTransformer2DModel(spec) in bf16 on `device`: weights U(+-1/sqrt(fan_in)), norms 1, biases 0."""
-    from diffusers import FluxTransformer2DModel
-
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**spec).to(torch.bfloat16)
-    model = model.to_empty(device=device).eval().requires_grad_(False)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        if param.ndim >= 2:
-            bound = 1.0 / math.sqrt(param[0].numel())
-            param.uniform_(-bound, bound, generator=generator)
-        else:
-            param.fill_(0.0 if name.endswith("bias") else 1.0)
-    return model
-
-
-def flux_inputs(spec: dict, device: torch.device, grid: int, text_len: int) -> dict:
-    """One forward's inputs: `grid` x `grid` packed image tokens, `text_len` text tokens."""
-    gen = torch.Generator().manual_seed(1)
-    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device, torch.bfloat16)  # noqa: E731
-    img_ids = torch.zeros(grid, grid, 3)
-    img_ids[..., 1], img_ids[..., 2] = torch.arange(grid)[:, None], torch.arange(grid)[None, :]
-    return dict(hidden_states=rand(1, grid * grid, spec["in_channels"]), encoder_hidden_states=rand(1, text_len, spec["joint_attention_dim"]),
-                pooled_projections=rand(1, spec["pooled_projection_dim"]), timestep=torch.full((1,), 0.7, device=device, dtype=torch.bfloat16),
-                guidance=torch.full((1,), 3.5, device=device, dtype=torch.bfloat16), img_ids=img_ids.reshape(-1, 3).to(device),
-                txt_ids=torch.zeros(text_len, 3, device=device), return_dict=False)
+harness.cold_compiles()  # every row compiles cold
+QUICK_CONFIG = dict(TINY_CPU["flux"], num_layers=1, num_single_layers=2)  # 3 blocks: seconds per row on a busy CPU
 
 
 # ---- the variants: each takes a fresh bf16 model and returns the callable to time ----------------
@@ -131,60 +90,41 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
 # ---- timing --------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(fn: Callable, device: torch.device, samples: int, calls: int = 5) -> float:
-    """Median over `samples` of the mean wall time (ms) of `calls` back-to-back calls of `fn()`,
+def loop_ms(fn: Callable, device: torch.device, samples: int, calls: int = 5) -> float:
+    """Median over `samples` of the mean time (ms) of `calls` back-to-back calls of `fn()`,
     synchronised at the ends only (so the host issues ahead, as in a denoising loop)."""
-    times = []
-    for _ in range(samples):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3 / calls)
-    return statistics.median(times)
+    return harness.median_ms(lambda: [fn() for _ in range(calls)], device, samples, warmup=0) / calls
 
 
 def measure(name: str, build: Callable, run: dict, reference: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:
     device, cuda = run["device"], run["device"].type == "cuda"
-    torch._dynamo.reset()
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    harness.free()
+    harness.reset_peak(device)
     row: dict[str, Any] = dict(variant=name, config=str(run["config"]))
     try:
         started = time.perf_counter()
-        model = random_transformer(run["spec"], device)
+        model = harness.random_transformer(run["spec"], device, torch.bfloat16).requires_grad_(False)
         fn = build(model, run)
         row["setup_s"] = time.perf_counter() - started
-        row["weights_gib"] = quantize.weight_bytes(model) / 2**30
+        row["weights_gib"] = quantize.weight_bytes(model) / harness.GIB
         if cuda:  # set-up peak (bf16 model + quantisation), then the peak of the calls alone
-            row["setup_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            torch.cuda.reset_peak_memory_stats()
+            row["setup_peak_gib"] = harness.peak_gib(device)
+            harness.reset_peak(device)
         with torch.no_grad():
-            _sync(device)
-            started = time.perf_counter()
-            out = fn(**run["inputs"])[0]
-            _sync(device)
-            row["compile_s"] = time.perf_counter() - started  # the first call: compile (+ nothing else eager)
+            # the first call: compile (+ nothing else eager)
+            row["compile_s"] = harness.first_call_s(lambda: fn(**run["inputs"]), device)
             for _ in range(3):  # graphed rows: warm, capture, first replay
-                out = fn(**run["inputs"])[0]
-            row["step_ms"] = time_ms(lambda: fn(**run["inputs"]), device, run["samples"], run["calls"])
+                fn(**run["inputs"])
+            row["step_ms"] = loop_ms(lambda: fn(**run["inputs"]), device, run["samples"], run["calls"])
             out = fn(**run["inputs"])[0].float()
         if cuda:
-            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            row["peak_gib"] = harness.peak_gib(device)
         if reference is not None and run["world"] == 1:
-            row["rel_err"] = float((out - reference).norm() / reference.norm())
+            row["rel_err"] = harness.rel_err(out, reference)
         del model, fn
         return row, (out if run["world"] == 1 else None)
     except Exception as error:  # noqa: BLE001 - recorded per row
-        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        row["error"] = f"{type(error).__name__}: {harness.first_line(error)}"
         return row, None
 
 
@@ -198,16 +138,16 @@ def fp8_attention_probe(device: torch.device, heads: int, tokens: int, head_dim:
     backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with torch.no_grad(), sdpa_kernel(backends, set_priority=True):
         reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-        result["bf16_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, samples)
-        result["bf16_rel_err"] = float((F.scaled_dot_product_attention(q, k, v).float() - reference).norm() / reference.norm())
+        result["bf16_ms"] = loop_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, samples)
+        result["bf16_rel_err"] = harness.rel_err(F.scaled_dot_product_attention(q, k, v), reference)
         q8, k8, v8 = (t.to(torch.float8_e4m3fn) for t in (q, k, v))
         try:
             out = F.scaled_dot_product_attention(q8, k8, v8)
-            result["fp8_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q8, k8, v8), device, samples)
-            result["fp8_rel_err"] = float((out.float() - reference).norm() / reference.norm())
+            result["fp8_ms"] = loop_ms(lambda: F.scaled_dot_product_attention(q8, k8, v8), device, samples)
+            result["fp8_rel_err"] = harness.rel_err(out.float(), reference)
             result["fp8_out_dtype"] = str(out.dtype)
         except Exception as error:  # noqa: BLE001 - the probe's answer
-            result["fp8_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            result["fp8_error"] = f"{type(error).__name__}: {harness.first_line(error)}"
     for module in ("flash_attn_interface", "flash_attn"):  # FA3's fp8 path, if installed
         try:
             __import__(module)
@@ -226,18 +166,20 @@ def markdown(report: dict) -> str:
              f"torch {env['torch']}, torchao {env['torchao']}, diffusers {env['diffusers']}; {env['model']}; one forward = one "
              f"step; step: median of {env['samples']} samples of {env.get('calls', 1)} back-to-back forwards; compile s: the first call; "
              "peak: max allocated during the calls (compile, capture, timed steps); set-up peak: while the bf16 model was made "
-             "and quantised; rel err: output vs bf16 eager (serial).", "",
-             "| config | variant | step ms | vs bf16 compiled (diffusers) | compile s | peak GiB | set-up peak GiB | weights GiB | rel err | error |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    fmt = lambda row, key, f: format(row[key], f) if row.get(key) is not None else ""  # noqa: E731
+             "and quantised; rel err: output vs bf16 eager (serial).", ""]
+    cell = lambda row, key, spec: harness.fmt(row.get(key), spec)  # noqa: E731
+    cells = []
     for row in report["rows"]:
         base = next((r.get("step_ms") for r in report["rows"]
                      if r["config"] == row["config"] and r["variant"] == "bf16 + diffusers compile_repeated_blocks"), None)
         base = base or next((r.get("step_ms") for r in report["rows"] if r["config"] == row["config"]
                              and r["variant"] == "bf16 ours (fast path)"), None)
-        speedup = f"{base / row['step_ms']:.2f}x" if base and row.get("step_ms") else ""
-        lines.append(f"| {row['config']} | {row['variant']} | {fmt(row, 'step_ms', '.1f')} | {speedup} | {fmt(row, 'compile_s', '.1f')} | "
-                     f"{fmt(row, 'peak_gib', '.1f')} | {fmt(row, 'setup_peak_gib', '.1f')} | {fmt(row, 'weights_gib', '.1f')} | {fmt(row, 'rel_err', '.1e')} | {row.get('error', '')} |")
+        speedup = base / row["step_ms"] if base and row.get("step_ms") else None
+        cells.append((row["config"], row["variant"], cell(row, "step_ms", ".1f"), harness.times(speedup),
+                      cell(row, "compile_s", ".1f"), cell(row, "peak_gib", ".1f"), cell(row, "setup_peak_gib", ".1f"),
+                      cell(row, "weights_gib", ".1f"), cell(row, "rel_err", ".1e"), row.get("error", "")))
+    lines += harness.table(("config", "variant", "step ms", "vs bf16 compiled (diffusers)", "compile s", "peak GiB",
+                            "set-up peak GiB", "weights GiB", "rel err", "error"), cells, "llrrrrrrrl")
     probe = report.get("fp8_attention")
     if probe:
         lines += ["", "## fp8 attention probe (torch SDPA, float8_e4m3fn q/k/v, cuDNN first)", "", "```", json.dumps(probe, indent=1), "```"]
@@ -249,7 +191,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--quick", action="store_true", help="a tiny FLUX, 8x8 tokens: proves the script (CPU)")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     parser.add_argument("--tag", default=None, help="file stem fp8_<tag> (default: h200, or cpu_quick)")
     parser.add_argument("--samples", type=int, default=5, help="timed samples (median)")
     parser.add_argument("--calls", type=int, default=5, help="forwards per sample, back to back")
@@ -260,29 +202,25 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     device = torch.device(args.device)
-    spec = QUICK_CONFIG if args.quick else FLUX_DEV_CONFIG
+    spec = QUICK_CONFIG if args.quick else FLUX_DEV
     grid, text_len = (8, 16) if args.quick else (64, 512)
     compile = device.type == "cuda"  # CPU: inductor compiles C++ for minutes on a busy host: eager only
-    import diffusers
     import torchao
 
-    tag = args.tag or ("cpu_quick" if args.quick else "h200")
-    report: dict[str, Any] = dict(env=dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                                           torchao=torchao.__version__, diffusers=diffusers.__version__, samples=args.samples, calls=args.calls,
+    versions = harness.versions()
+    stem = args.out / f"fp8_{args.tag or ('cpu_quick' if args.quick else 'h200')}"
+    report: dict[str, Any] = dict(env=dict(device=harness.device_name(device), torch=versions["torch"],
+                                           torchao=torchao.__version__, diffusers=versions["diffusers"], samples=args.samples, calls=args.calls,
                                            model=("tiny FLUX (quick)" if args.quick else "FLUX.1-dev-sized transformer") +
                                            f", {grid * grid} image + {text_len} text tokens, random bf16 weights",
-                                           command="python3 " + " ".join(sys.argv)), rows=[], notes=[])
+                                           command=harness.command()), rows=[], notes=[])
     if device.type == "cpu":
         report["notes"].append("CPU: eager only (no compile, no CUDA graphs); fp8 runs through torch's CPU _scaled_mm; torchao's quantize_ refuses the CPU")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def save() -> None:
-        (out_dir / f"fp8_{tag}.json").write_text(json.dumps(report, indent=1))
-        (out_dir / f"fp8_{tag}.md").write_text(markdown(report))
-
+    save = lambda: harness.write_results(stem, report, markdown(report))  # noqa: E731
+    torch.manual_seed(1)  # the inputs, the same for every row
+    inputs = harness.flux_inputs(1, grid, grid, text_len, spec, device, torch.bfloat16)
     run = dict(device=device, spec=spec, world=1, config=ParallelConfig(), mesh=None, compile=compile, cuda=device.type == "cuda",
-               samples=args.samples, calls=args.calls, inputs=flux_inputs(spec, device, grid, text_len))
+               samples=args.samples, calls=args.calls, inputs=inputs)
     report["fp8_attention"] = fp8_attention_probe(device, spec["num_attention_heads"], grid * grid + text_len,
                                                   spec["attention_head_dim"], args.samples)
     print(json.dumps(report["fp8_attention"]), flush=True)
@@ -295,9 +233,7 @@ def main() -> None:
             report["notes"].append(f"skipped (budget {args.budget_s:.0f} s): {name} at world {world}")
             continue
         if world > 1 and not torch.distributed.is_initialized():
-            from torch.testing._internal.distributed.fake_pg import FakeStore
-
-            torch.distributed.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+            harness.init_fake(world)
             config = ParallelConfig(ulysses_degree=world)
             run.update(world=world, config=config, mesh=ParallelMesh.build(config))
         row, out = measure(name, build, run, reference)

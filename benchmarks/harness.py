@@ -360,6 +360,11 @@ def fmt(value: Any, spec: str = "") -> str:
     return "" if value is None else format(value, spec)
 
 
+def times(ratio: float | None) -> str:
+    """A speed-up cell: "1.23x", "" for None."""
+    return "" if ratio is None else f"{ratio:.2f}x"
+
+
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> list[str]:
     """Markdown table lines; `align` one letter per column ("l"/"r"), default all left."""
     align = align or "l" * len(header)

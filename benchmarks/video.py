@@ -37,29 +37,21 @@ fake group: halo rows and the gathered frames move nothing and are not modelled)
 
 from __future__ import annotations
 
-import os
+import argparse
+import statistics
+import time
+import traceback
+from pathlib import Path
 
-os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
+import torch
+import torch.distributed as dist
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ditmesh import ParallelConfig, parallelize  # noqa: E402
-from ditmesh.models.wan import WAN21_1_3B_CONFIG, WAN21_14B_CONFIG  # noqa: E402
-from ditmesh.parallel import fastpath  # noqa: E402
-from ditmesh.parallel.mesh import ParallelMesh  # noqa: E402
-from ditmesh.parallel.ulysses import padded_heads  # noqa: E402
+from ditmesh import ParallelConfig, parallelize
+from ditmesh.models.wan import WAN21_1_3B_CONFIG, WAN21_14B_CONFIG
+from ditmesh.parallel import fastpath
+from ditmesh.parallel.mesh import ParallelMesh
+from ditmesh.parallel.ulysses import padded_heads
 
 ALPHA_S, BETA_BPS, BETA_NVLINK_BPS = 108e-6, 372e9, 450e9
 MODELS = {"14B": WAN21_14B_CONFIG, "1.3B": WAN21_1_3B_CONFIG}
@@ -95,16 +87,12 @@ def build(spec: dict, layers: int, device: torch.device, dtype: torch.dtype) -> 
     """A Wan transformer of `spec`'s widths with `layers` blocks, random weights made on `device`,
     cast to `dtype` but for the modules diffusers keeps in float32 (`_keep_in_fp32_modules`: rope,
     time embedder, modulation tables, norms), as `from_pretrained(torch_dtype=...)` loads them."""
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = WanTransformer3DModel(**dict(spec, num_layers=layers))
+    model = harness.seeded_model("WanTransformer3DModel", dict(spec, num_layers=layers), device, torch.float32)
     keep = set(model._keep_in_fp32_modules or ())
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not keep & set(name.split(".")):
             tensor.data = tensor.data.to(dtype)
-    return model.eval()
+    return model
 
 
 def inputs(spec: dict, latent: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> dict:
@@ -114,15 +102,6 @@ def inputs(spec: dict, latent: tuple[int, int, int], device: torch.device, dtype
                 timestep=torch.full((1,), 700.0, device=device),
                 encoder_hidden_states=torch.randn(1, text_len, spec["text_dim"], generator=gen).to(device, dtype),
                 return_dict=False)
-
-
-def init_fake(world: int) -> None:
-    """This process becomes rank 0 of `world` in torch's fake process group (collectives return at once)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
 
 
 class Span:
@@ -146,20 +125,6 @@ class Span:
         return start.elapsed_time(end) if self.device.type == "cuda" else (end - start) * 1e3
 
 
-def timed(model: torch.nn.Module, kwargs: dict, device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        model(**kwargs)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    begin = time.perf_counter()
-    model(**kwargs)
-    return (time.perf_counter() - begin) * 1e3
-
-
 def measure_vae(row: tuple, args: argparse.Namespace, device: torch.device) -> dict:
     """One decode of 21 latent frames by the Wan 2.1 VAE (random fp32 weights, the real widths; tiny
     with --quick): serial, or rank 0 of W in a fake group with its rows split (`vae.install_video`)."""
@@ -170,24 +135,21 @@ def measure_vae(row: tuple, args: argparse.Namespace, device: torch.device) -> d
 
     _, size, config_text, _ = row
     world = 1 if config_text == "serial" else int(config_text.split("=")[1])
-    init_fake(world)
-    torch.manual_seed(0)
-    with torch.device(device):
-        vae = (_tiny_wan_vae() if args.quick else AutoencoderKLWan()).eval()
-    if world > 1:
-        parallel_vae.install_video(vae, dist.group.WORLD, min_latent_pixels=0)
-    latent = (QUICK_SIZES if args.quick else SIZES)[size]
-    z = torch.randn(1, vae.config.z_dim, *latent, generator=torch.Generator().manual_seed(2)).to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with torch.no_grad():
-        decode = lambda **kw: vae.decode(z)  # noqa: E731
-        warmup_s = timed(decode, {}, device) / 1e3
-        step_ms = statistics.median(timed(decode, {}, device) for _ in range(args.repeats))
+    with harness.fake_group(world):
+        torch.manual_seed(0)
+        with torch.device(device):
+            vae = (_tiny_wan_vae() if args.quick else AutoencoderKLWan()).eval()
+        if world > 1:
+            parallel_vae.install_video(vae, dist.group.WORLD, min_latent_pixels=0)
+        latent = (QUICK_SIZES if args.quick else SIZES)[size]
+        z = torch.randn(1, vae.config.z_dim, *latent, generator=torch.Generator().manual_seed(2)).to(device)
+        harness.reset_peak(device)
+        with torch.no_grad():
+            warmup_s = harness.first_call_s(lambda: vae.decode(z), device)
+            step_ms = harness.median_ms(lambda: vae.decode(z), device, args.repeats, warmup=0)
     return dict(model="Wan2.1-VAE", size=size, config=config_text, world=world, layers=None, num_layers=None,
                 tokens=None, compiled=False, forward_ms=round(step_ms, 3), step_ms=round(step_ms, 3),
-                warmup_s=round(warmup_s, 2), peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                if device.type == "cuda" else None)
+                warmup_s=round(warmup_s, 2), peak_gib=harness.peak_gib(device, 2))
 
 
 def measure(row: tuple, args: argparse.Namespace, device: torch.device) -> dict:
@@ -201,21 +163,20 @@ def measure(row: tuple, args: argparse.Namespace, device: torch.device) -> dict:
     layers = depth if real_depth or args.layers == 0 else min(args.layers, depth)
     compiled = not args.eager
     config = ParallelConfig() if config_text == "serial" else ParallelConfig.parse(config_text)
-    init_fake(config.world_size)
-    begin = time.perf_counter()
-    model = build(spec, layers, device, dtype)
-    span = Span(model, device)
-    if config_text == "serial":
-        model = fastpath.apply_fastpath(model, compile=compiled, cuda_graphs=False)
-    else:
-        mesh = ParallelMesh.build(config, device.type)
-        model = parallelize(model, config, mesh=mesh, compile=compiled, cuda_graphs=False)
-    kwargs = inputs(spec, latent, device, dtype)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with torch.no_grad():
-        warmup_s = timed(model, kwargs, device) / 1e3  # compiles
-        samples = [(timed(model, kwargs, device), span.last_ms()) for _ in range(args.repeats)]
+    with harness.fake_group(config.world_size):
+        begin = time.perf_counter()
+        model = build(spec, layers, device, dtype)
+        span = Span(model, device)
+        if config_text == "serial":
+            model = fastpath.apply_fastpath(model, compile=compiled, cuda_graphs=False)
+        else:
+            mesh = ParallelMesh.build(config, device.type)
+            model = parallelize(model, config, mesh=mesh, compile=compiled, cuda_graphs=False)
+        kwargs = inputs(spec, latent, device, dtype)
+        harness.reset_peak(device)
+        with torch.no_grad():
+            warmup_s = harness.first_call_s(lambda: model(**kwargs), device)  # compiles
+            samples = [(harness.timed_ms(lambda: model(**kwargs), device), span.last_ms()) for _ in range(args.repeats)]
     forward_ms = statistics.median(s[0] for s in samples)
     span_ms = statistics.median(s[1] for s in samples)
     step_ms = forward_ms - span_ms + span_ms * depth / layers
@@ -224,7 +185,7 @@ def measure(row: tuple, args: argparse.Namespace, device: torch.device) -> dict:
                 num_layers=depth, tokens=tokens, heads=spec["num_attention_heads"], head_dim=spec["attention_head_dim"],
                 compiled=compiled, forward_ms=round(forward_ms, 3), blocks_ms=round(span_ms, 3), step_ms=round(step_ms, 3),
                 warmup_s=round(warmup_s, 2), setup_s=round(time.perf_counter() - begin - warmup_s, 2),
-                peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
+                peak_gib=harness.peak_gib(device, 2))
 
 
 def comm_ms(row: dict, alpha: float, beta: float) -> float:
@@ -264,59 +225,41 @@ def add_projection(rows: list[dict]) -> None:
 
 
 def markdown(rows: list[dict], env: dict) -> str:
-    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    fmt, x = harness.fmt, harness.times
     lines = [f"# Wan 2.1 video: serial vs one rank of W on {env['device']}", "", f"Command: `{env['command']}`", "",
              f"torch {env['torch']}, diffusers {env['diffusers']}; {env['dtype']}; one transformer forward (a denoiser "
              "call: a step with guidance is two) on 21 latent frames (81 video frames), 512 text tokens, random weights. "
              f"Median of {env['repeats']} after one warm-up (compile). Blocks measured: `layers` of `num_layers`, "
              "step = (forward - blocks) + blocks x num_layers / layers. Parallel rows: rank 0 of W in a fake process "
              "group (one rank's compute and host cost, exchanges moving nothing); comm and projection: the module "
-             "docstring's formula, alpha 108 us, beta 372 GB/s (450 GB/s in the last column).", "",
-             "| model | size | tokens | config | layers | step ms | serial / rank | comm ms | projected speed-up "
-             "| at 450 GB/s | warm-up s | peak GiB | error |",
-             "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        x = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
-        depth = "" if r.get("layers") is None else f"{r['layers']}/{r['num_layers']}"
-        lines.append(f"| {r['model']} | {r['size']} | {r.get('tokens') or ''} | {r['config']} "
-                     f"| {depth} | {fmt(r.get('step_ms'), '.1f')} "
-                     f"| {x(r.get('serial_over_rank'))} | {fmt(r.get('comm_ms'), '.1f')} | {x(r.get('projected_speedup'))} "
-                     f"| {x(r.get('projected_speedup_nvlink'))} | {fmt(r.get('warmup_s'), '.1f')} "
-                     f"| {fmt(r.get('peak_gib'), '.1f')} | {r.get('error', '')} |")
+             "docstring's formula, alpha 108 us, beta 372 GB/s (450 GB/s in the last column).", ""]
+    cells = [(r["model"], r["size"], r.get("tokens") or "", r["config"],
+              "" if r.get("layers") is None else f"{r['layers']}/{r['num_layers']}", fmt(r.get("step_ms"), ".1f"),
+              x(r.get("serial_over_rank")), fmt(r.get("comm_ms"), ".1f"), x(r.get("projected_speedup")),
+              x(r.get("projected_speedup_nvlink")), fmt(r.get("warmup_s"), ".1f"), fmt(r.get("peak_gib"), ".1f"),
+              r.get("error", "")) for r in rows]
+    lines += harness.table(("model", "size", "tokens", "config", "layers", "step ms", "serial / rank", "comm ms",
+                            "projected speed-up", "at 450 GB/s", "warm-up s", "peak GiB", "error"), cells, "llrllrrrrrrrl")
     lines += ["", *[f"- {note}" for note in env["notes"]]]
     return "\n".join(lines) + "\n"
 
 
 def environment(args: argparse.Namespace, device: torch.device) -> dict:
-    import diffusers
-
     notes = ["Targets (issue 32): Wan2.1-14B 720p, one rank of ulysses=8 <= 1/7.5 of the serial compiled step "
              "(serial / rank >= 7.5x) and a projected 8-GPU speed-up >= 7.0x.",
              "Wan2.1-1.3B has 12 heads: ulysses=8 pads them to 16 (2 per rank: a third more attention work than 12/8); "
              "ring=2,ulysses=4 splits them 3 per rank with no padding."]
     if device.type == "cpu":
         notes.insert(0, "CPU --quick: tiny widths and sizes, fp32, eager: proves the script's logic; the times mean nothing.")
-    return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-                torch=torch.__version__, diffusers=diffusers.__version__, repeats=args.repeats,
-                dtype="float32" if device.type == "cpu" else "bfloat16",
-                command=" ".join(["python3", os.path.relpath(sys.argv[0])] + sys.argv[1:]), notes=notes)
+    versions = harness.versions()
+    return dict(device=harness.device_name(device, "CPU"), torch=versions["torch"], diffusers=versions["diffusers"],
+                repeats=args.repeats, dtype="float32" if device.type == "cpu" else "bfloat16", command=harness.command(),
+                notes=notes)
 
 
 def write(rows: list[dict], env: dict, stem: Path) -> None:
     add_projection(rows)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
-    stem.with_suffix(".md").write_text(markdown(rows, env))
-
-
-def _free(device: torch.device) -> None:
-    import torch._dynamo
-
-    gc.collect()
-    torch._dynamo.reset()  # each row compiles its own blocks (new shapes and processors)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+    harness.write_results(stem, dict(environment=env, rows=rows), markdown(rows, env))
 
 
 def main() -> None:
@@ -332,7 +275,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only rows whose 'model size config' contains this")
     parser.add_argument("--budget-s", type=float, default=600.0, help="start no row after this many seconds")
     parser.add_argument("--tag", default=None, help="results name video_<tag> (default h200 / cpu_quick)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args()
     if args.device == "cpu":
         args.eager = True  # inductor's C++ compile on a shared CPU proves nothing here
@@ -341,7 +284,7 @@ def main() -> None:
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tag = args.tag or ("cpu_quick" if device.type == "cpu" else torch.cuda.get_device_name(device).split()[-1].lower())
+    tag = args.tag or ("cpu_quick" if device.type == "cpu" else harness.machine_tag(device))
     stem, env, rows = args.out / f"video_{tag}", environment(args, device), []
     for row in planned_rows(args.full_depth, args.vae):
         label = f"{row[0]} {row[1]} {row[2]}" + (" full depth" if row[3] and row[0] != "VAE" else "")
@@ -356,15 +299,13 @@ def main() -> None:
             rows.append(measure(row, args, device))
         except Exception as exc:  # noqa: BLE001 - one failing row must not end the run
             traceback.print_exc()
-            rows.append(dict(model=f"Wan2.1-{row[0]}", size=row[1], config=row[2], error=f"{type(exc).__name__}: {str(exc)[:300]}"))
-        _free(device)
+            rows.append(dict(model=f"Wan2.1-{row[0]}", size=row[1], config=row[2], error=f"{type(exc).__name__}: {harness.first_line(exc)}"))
+        harness.free()  # each row compiles its own blocks (new shapes and processors)
         write(rows, env, stem)
         r = rows[-1]
         print(f"== {label:32s} step {r.get('step_ms')} ms, serial/rank {r.get('serial_over_rank')}, projected "
               f"{r.get('projected_speedup')} {r.get('error', '')} ({time.perf_counter() - tic:.0f} s)", flush=True)
-    print(stem.with_suffix(".md").read_text())
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    print(markdown(rows, env))
 
 
 if __name__ == "__main__":
