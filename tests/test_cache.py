@@ -177,3 +177,36 @@ def test_compiled_blocks_keep_their_bodies():
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert getattr(compiled, step_cache._HANDLE_ATTR).calls.computed == [0, 2]
+
+
+def test_served_request_reports_its_computed_steps():
+    """`serve --cache`: the ranks (ulysses=2, a real runner) run the cached pipeline and the HTTP
+    response names the steps computed, the same as the serial pipeline's with the same cache."""
+    import asyncio
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from ditmesh.runner.diffusion import DiffusionWorker
+    from ditmesh.runner.runner import DistributedRunner
+    from ditmesh.serve import ServeSettings
+    from ditmesh.serve.app import create_app
+
+    cache = "static,mask=1011"
+    serial = parallelize(tiny_pipeline("tiny-flux"), ParallelConfig(), cache=cache)
+    serial("a red circle", num_inference_steps=5, height=32, width=32, output_type="np")
+
+    async def ask():
+        runner = DistributedRunner(DiffusionWorker, world_size=2, device_type="cpu", num_threads=1)
+        app = create_app(runner, dict(model="tiny-flux", parallel="ulysses=2", cache=cache), ServeSettings())
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                body = dict(prompt="a red circle", height=32, width=32, steps=5, seed=1)
+                return await client.post("/v1/images/generations", json=body, timeout=60)
+
+    answer = asyncio.run(ask())
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["computed_steps"] == serial.computed_steps == [0, 2, 3, 4]  # past the mask's end: computed
+    assert Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).size == (32, 32)

@@ -259,7 +259,8 @@ async def _response_body(state: Any, job: _Job, result: dict[str, Any]) -> dict[
                "generation_s": result.get("seconds", 0.0), "encode_s": done - encoding, "total_s": done - job.arrived}
     return {"images": encoded, "output_format": job.request.output_format, "width": first.width,
             "height": first.height, "seed": job.seed, "model": state.info["model"],
-            "timings": {key: round(value, 6) for key, value in timings.items()}}
+            "timings": {key: round(value, 6) for key, value in timings.items()},
+            "computed_steps": result.get("computed_steps")}
 
 
 async def _video_body(state: Any, job: _Job, result: dict[str, Any]) -> dict[str, Any]:
@@ -273,7 +274,8 @@ async def _video_body(state: Any, job: _Job, result: dict[str, Any]) -> dict[str
                "generation_s": result.get("seconds", 0.0), "encode_s": done - encoding, "total_s": done - job.arrived}
     return {"images": [], "videos": encoded, "frames": len(videos[0]), "fps": request.fps,
             "output_format": request.output_format, "width": first.width, "height": first.height, "seed": job.seed,
-            "model": state.info["model"], "timings": {key: round(value, 6) for key, value in timings.items()}}
+            "model": state.info["model"], "timings": {key: round(value, 6) for key, value in timings.items()},
+            "computed_steps": result.get("computed_steps")}
 
 
 async def _unless_client_leaves(request: Request, work: Awaitable[Any]) -> Any:

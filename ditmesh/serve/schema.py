@@ -89,6 +89,8 @@ class GenerationResponse(BaseModel):
     seed: int
     model: str
     timings: Timings
+    computed_steps: list[int] | None = Field(None, description="with step caching (`serve --cache`): the denoising "
+                                                               "steps computed (the others reused the cache)")
 
 
 def model_errors(request: GenerationRequest, info: dict[str, Any]) -> list[dict[str, Any]]:
