@@ -495,3 +495,19 @@ def test_cuda_ranks_use_nccl_on_their_own_gpu_and_return_cpu_tensors(loop):
     for tensor in (result["tensor"], event["tensor"], final["tensor"]):
         assert tensor.device.type == "cpu"
         torch.testing.assert_close(tensor, expected, rtol=0, atol=0)
+
+
+def test_cpu_ranks_fork_from_the_preloaded_server_and_gpu_ranks_are_spawned(monkeypatch):
+    # A fork server's imports initialise the CUDA driver on a GPU machine; a child forked after
+    # that cannot use CUDA, so GPU ranks must never come from it.
+    import sys
+
+    from ditmesh.runner import procs
+
+    assert procs.context("cuda").get_start_method() == "spawn"
+    assert procs.context("cpu").get_start_method() == ("forkserver" if sys.platform == "linux" else "spawn")
+    monkeypatch.setenv("DITMESH_START_METHOD", "spawn")
+    assert procs.context("cpu").get_start_method() == "spawn"
+    monkeypatch.setenv("DITMESH_START_METHOD", "fork")
+    with pytest.raises(ValueError, match="use 'forkserver'"):
+        procs.context("cpu")

@@ -3,8 +3,9 @@
 Every rank of every runner and test pool imports these: torch, ditmesh's strategies and the
 diffusers / transformers classes the built-in and common pipelines are made of (lazily
 loaded by those libraries, so an import of the top package alone does not do it). Imports only:
-no thread, device, process group or model is created here, so a child forked after it is as
-clean as a spawned one.
+no thread, process group or model is created here. On a machine with GPUs these imports ask
+torch about them, which initialises the CUDA driver in the server: only CPU ranks fork from it
+(`procs.context`), GPU ranks are spawned.
 """
 
 import atexit

@@ -1,16 +1,16 @@
-"""How rank processes start: forked from a server that has imported torch once.
+"""How CPU rank processes start: forked from a server that has imported torch once.
 
 A spawned rank re-imports torch, diffusers and ditmesh before it does anything: 5-6 s of CPU
 per rank on a 2-core machine, so a 4-rank runner spent ~20 s starting (and a restart after a
-lost rank as long again). On Linux ranks come instead from multiprocessing's fork server, which
-imports torch, diffusers and ditmesh once (`_preload.py`) and forks a fresh child per rank: start-up falls to about a second, and a
-child is as clean as a spawned one (the server never initialises CUDA, OpenMP or a process group,
-and the child re-imports the target's module by name, as spawn does).
+lost rank as long again). On Linux, CPU (gloo) ranks come instead from multiprocessing's fork
+server, which imports torch, diffusers and ditmesh once (`_preload.py`) and forks a fresh child
+per rank: start-up falls to a fraction of a second, and the child re-imports its target's module
+by name, as a spawned one does. GPU ranks are still spawned (`context`).
 
 What spawn gave that a fork server does not, the child is given here: the parent's environment
 as it is when the rank starts (the server's is that of its own start). Variables a library reads
 when it is imported (not when first used) are the exception; `DITMESH_START_METHOD=spawn`
-restores plain spawn.
+restores plain spawn for CPU ranks too.
 """
 
 from __future__ import annotations
@@ -24,8 +24,13 @@ from typing import Any, Callable
 PRELOAD = ("ditmesh.runner._preload",)
 
 
-def context() -> multiprocessing.context.BaseContext:
-    """The multiprocessing context rank processes are started with (see the module docstring)."""
+def context(device_type: str = "cpu") -> multiprocessing.context.BaseContext:
+    """The multiprocessing context rank processes of `device_type` are started with (see the
+    module docstring). GPU ranks are spawned: importing diffusers and inductor asks torch about the
+    GPUs (`torch.cuda.is_available`, triton's device check), which initialises the CUDA driver in
+    the fork server, and a process forked after that cannot use CUDA."""
+    if device_type != "cpu":
+        return multiprocessing.get_context("spawn")
     method = os.environ.get("DITMESH_START_METHOD", "forkserver" if sys.platform == "linux" else "spawn")
     if method not in ("forkserver", "spawn"):
         raise ValueError(f"DITMESH_START_METHOD={method!r}: use 'forkserver' (Linux default) or 'spawn'")

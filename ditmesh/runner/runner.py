@@ -618,7 +618,7 @@ class DistributedRunner:
 
     def _spawn(self, spec: WorkerSpec) -> None:
         loop = asyncio.get_running_loop()
-        context = procs.context()
+        context = procs.context(spec.device_type)
         self._procs, self._exited = [], {}
         for rank in range(self.world_size):
             proc = procs.process(context, worker_main, (rank, spec), daemon=True, name=f"ditmesh-rank-{rank}")
