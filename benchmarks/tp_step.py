@@ -17,177 +17,133 @@ Rows (FLUX.1-dev architecture, random bf16 weights, 1024², 512 text tokens, one
   one denoising step (--patches), as the stage loop calls them; per step: the patches' GPU time
   (CUDA events) and the host time to issue them. A stage's step in the full pipeline adds its
   P2P transfers (not measured here) to the slower stage's compute.
-step ms: median of --samples after warm-up (compile) calls.
+step ms: median of --samples after warm-up (compile) calls (`harness.median_ms`); host ms: median of
+--samples more calls, each issued after a sync (`harness.host_ms`).
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import time
+from pathlib import Path
 
-os.environ.update(NCCL_NVLS_ENABLE="0")
+import harness  # first: puts the repository on sys.path (and NVLink multicast off for NCCL)
+import torch
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.multi_gpu import TINY_CPU, build_pipeline  # noqa: E402
-from benchmarks.pipefusion_nccl import random_transformer  # noqa: E402
-from ditmesh import ParallelConfig, parallelize  # noqa: E402
-from ditmesh.models.flux import FLUX_DEV_CONFIG, FLUX_STAGE_PLAN  # noqa: E402
-from ditmesh.parallel import fastpath, graphs  # noqa: E402
-from ditmesh.parallel.mesh import ParallelMesh  # noqa: E402
-from ditmesh.parallel.pipefusion.schedule import build_items  # noqa: E402
-
-
-def fake_group(rank: int, world: int = 2) -> None:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
-
-
-def inputs(spec: dict, size: int, text_len: int, device, dtype) -> dict:
-    """One transformer call's keyword arguments, as FluxPipeline passes them (packed 2x2 latents)."""
-    gen = torch.Generator().manual_seed(1)
-    h = w = size // 16
-    img_ids = torch.zeros(h, w, 3)
-    img_ids[..., 1], img_ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None, :]
-    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype)  # noqa: E731
-    return dict(hidden_states=rand(1, h * w, spec["in_channels"]), encoder_hidden_states=rand(1, text_len, spec["joint_attention_dim"]),
-                pooled_projections=rand(1, spec["pooled_projection_dim"]), timestep=torch.full((1,), 0.7, device=device, dtype=dtype),
-                guidance=torch.full((1,), 3.5, device=device, dtype=dtype) if spec.get("guidance_embeds") else None,
-                img_ids=img_ids.reshape(-1, 3).to(device), txt_ids=torch.zeros(text_len, 3, device=device), return_dict=False)
+from ditmesh import ParallelConfig, parallelize
+from ditmesh.models.flux import FLUX_STAGE_PLAN
+from ditmesh.parallel import fastpath, graphs
+from ditmesh.parallel.mesh import ParallelMesh
+from ditmesh.parallel.pipefusion.schedule import build_items
+from harness import FLUX_DEV, TINY_CPU
 
 
 def timed(fn, device, samples: int, warmup: int = 2) -> tuple[float, float]:
-    """(median GPU ms by CUDA events, or wall ms on CPU; median host ms to issue `fn`)."""
-    for _ in range(warmup):
-        fn()
-    gpu, host = [], []
-    for _ in range(samples):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        tic = time.perf_counter()
-        fn()
-        host.append((time.perf_counter() - tic) * 1e3)
-        if device.type == "cuda":
-            end.record()
-            torch.cuda.synchronize()
-            gpu.append(start.elapsed_time(end))
-        else:
-            gpu.append(host[-1])
-    return statistics.median(gpu), statistics.median(host)
+    """(median ms of `fn` by CUDA events, or wall ms on CPU; median host ms to issue it)."""
+    return harness.median_ms(fn, device, samples, warmup), harness.host_ms(fn, device, samples)
 
 
-def reset(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+def flux_call(spec: dict, size: int, text_len: int, device, dtype) -> dict:
+    """One transformer call's keyword arguments at `size`² (packed 2x2 latents), seeded."""
+    torch.manual_seed(1)
+    return harness.flux_inputs(1, size // 16, size // 16, text_len, spec, device, dtype)
 
 
-def peak_gib(device) -> float | None:
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+def fresh(device) -> None:
+    """Before a row's timed calls: what earlier rows left dropped, peak memory counted from here."""
+    harness.free()
+    harness.reset_peak(device)
 
 
 # ---- rows -----------------------------------------------------------------------------------------
 
 
 def serial_row(s: dict) -> dict:
-    fake_group(0, 1)  # (unused by the fast path; keeps every row under one kind of group set-up)
-    model = random_transformer(s["spec"], s["device"], s["dtype"])
-    model = fastpath.apply_fastpath(model, compile=True, cuda_graphs=s["device"].type == "cuda")
-    reset(s["device"])
-    tic = time.perf_counter()
-    with torch.no_grad():
-        gpu, host = timed(lambda: model(**s["inputs"]), s["device"], s["samples"], warmup=3)
-    return dict(config="serial", mode="compiled+graphs", step_ms=gpu, host_ms=host, peak_gib=peak_gib(s["device"]),
+    with harness.fake_group(1):  # (unused by the fast path; keeps every row under one kind of group set-up)
+        model = harness.random_transformer(s["spec"], s["device"], s["dtype"])
+        model = fastpath.apply_fastpath(model, compile=True, cuda_graphs=s["device"].type == "cuda")
+        fresh(s["device"])
+        tic = time.perf_counter()
+        with torch.no_grad():
+            gpu, host = timed(lambda: model(**s["inputs"]), s["device"], s["samples"], warmup=3)
+    return dict(config="serial", mode="compiled+graphs", step_ms=gpu, host_ms=host, peak_gib=harness.peak_gib(s["device"], 2),
                 warmup_s=time.perf_counter() - tic)
 
 
-def tensor_rows(s: dict) -> list[dict]:
-    fake_group(0)
-    rows = []
-    for mode in ("eager", "compiled"):
-        model = random_transformer(s["spec"], s["device"], s["dtype"])
-        config = ParallelConfig(tensor_degree=2)
-        # The mesh on the GPU: a fake group's backend is not NCCL, which build() would take for CPU.
-        mesh = ParallelMesh.build(config, s["device"].type)
-        model = parallelize(model, config, mesh, compile=mode == "compiled", cuda_graphs=False)
-        reset(s["device"])
+def tensor_rows(s: dict) -> None:
+    with harness.fake_group(2):
+        for mode in ("eager", "compiled"):
+            for row in tensor_mode_rows(s, mode):
+                s["emit"](row)
+
+
+def tensor_mode_rows(s: dict, mode: str) -> list[dict]:
+    """tensor=2 rank 0 in `mode` (eager | compiled; compiled on CUDA also through CUDA graphs)."""
+    model = harness.random_transformer(s["spec"], s["device"], s["dtype"])
+    config = ParallelConfig(tensor_degree=2)
+    # The mesh on the GPU: a fake group's backend is not NCCL, which build() would take for CPU.
+    mesh = ParallelMesh.build(config, s["device"].type)
+    model = parallelize(model, config, mesh, compile=mode == "compiled", cuda_graphs=False)
+    fresh(s["device"])
+    tic = time.perf_counter()
+    with torch.no_grad():
+        gpu, host = timed(lambda: model(**s["inputs"]), s["device"], s["samples"], warmup=2)
+    rows = [dict(config="tensor=2", mode=mode, step_ms=gpu, host_ms=host, peak_gib=harness.peak_gib(s["device"], 2),
+                 warmup_s=time.perf_counter() - tic)]
+    if mode == "compiled" and s["device"].type == "cuda":
+        graphed = graphs.GraphedDenoiser(model)  # what parallelize's cuda_graphs=None adds when compiled
         tic = time.perf_counter()
         with torch.no_grad():
-            gpu, host = timed(lambda: model(**s["inputs"]), s["device"], s["samples"], warmup=2)
-        rows.append(dict(config="tensor=2", mode=mode, step_ms=gpu, host_ms=host, peak_gib=peak_gib(s["device"]),
-                         warmup_s=time.perf_counter() - tic))
-        if mode == "compiled" and s["device"].type == "cuda":
-            graphed = graphs.GraphedDenoiser(model)  # what parallelize's cuda_graphs=None adds when compiled
-            tic = time.perf_counter()
-            with torch.no_grad():
-                gpu, host = timed(lambda: graphed(**s["inputs"]), s["device"], s["samples"], warmup=1)
-            rows.append(dict(config="tensor=2", mode="compiled+graphs", step_ms=gpu, host_ms=host,
-                             peak_gib=peak_gib(s["device"]), warmup_s=time.perf_counter() - tic))
-            del graphed
-        del model
-        s["emit"](rows[-1])
+            gpu, host = timed(lambda: graphed(**s["inputs"]), s["device"], s["samples"], warmup=1)
+        rows.append(dict(config="tensor=2", mode="compiled+graphs", step_ms=gpu, host_ms=host,
+                         peak_gib=harness.peak_gib(s["device"], 2), warmup_s=time.perf_counter() - tic))
     return rows
 
 
-def pipefusion_rows(s: dict, compile: bool) -> list[dict]:
+def pipefusion_rows(s: dict, compile: bool) -> None:
     """Each stage of pipefusion=2 on its patches of one step (rank 0, then rank 1)."""
-    rows = []
     for rank in (0, 1):
-        fake_group(rank)
-        transformer = random_transformer(s["spec"], s["device"], s["dtype"])
-        pipe = build_pipeline("flux", s["spec"], s["device"], s["dtype"], transformer=transformer)
-        config = ParallelConfig(pipefusion_degree=2, pipefusion_patches=s["patches"], warmup_steps=0)
-        pipe = parallelize(pipe, config, ParallelMesh.build(config, s["device"].type), compile=compile)
-        stage = pipe.transformer._stage
-        kwargs = {k: v for k, v in s["inputs"].items() if k != "return_dict"}
-        latent = kwargs["hidden_states"]
-        grid = FLUX_STAGE_PLAN.grid(stage.model, latent, kwargs)
-        items = build_items(range(1), 0, grid, s["patches"], height=s["size"])
-        with torch.no_grad():
-            text = FLUX_STAGE_PLAN.embed_text(stage.model, kwargs) if stage.first else None
-        width = s["spec"]["num_attention_heads"] * s["spec"]["attention_head_dim"]
+        with harness.fake_group(2, rank):
+            row = stage_row(s, rank, compile)
+        s["emit"](row)
 
-        def received(item):
-            if stage.first:
-                return latent[item.patch.latent(FLUX_STAGE_PLAN.latent_row_dim)].clone()
-            return torch.randn(1, kwargs["encoder_hidden_states"].shape[1] + item.patch.num_tokens, width,
-                               device=s["device"], dtype=s["dtype"])
 
-        ins = [received(item) for item in items]
+def stage_row(s: dict, rank: int, compile: bool) -> dict:
+    """Stage `rank` of pipefusion=2 (this process being rank `rank` of a fake group of 2)."""
+    transformer = harness.random_transformer(s["spec"], s["device"], s["dtype"])
+    pipe = harness.build_pipeline("flux", s["spec"], s["device"], s["dtype"], transformer=transformer)
+    config = ParallelConfig(pipefusion_degree=2, pipefusion_patches=s["patches"], warmup_steps=0)
+    pipe = parallelize(pipe, config, ParallelMesh.build(config, s["device"].type), compile=compile)
+    stage = pipe.transformer._stage
+    kwargs = {k: v for k, v in s["inputs"].items() if k != "return_dict"}
+    latent = kwargs["hidden_states"]
+    grid = FLUX_STAGE_PLAN.grid(stage.model, latent, kwargs)
+    items = build_items(range(1), 0, grid, s["patches"], height=s["size"])
+    with torch.no_grad():
+        text = FLUX_STAGE_PLAN.embed_text(stage.model, kwargs) if stage.first else None
+    width = s["spec"]["num_attention_heads"] * s["spec"]["attention_head_dim"]
 
-        def one_step():
-            for item, x in zip(items, ins):
-                stage.compute(item, kwargs, x, latent, text)
+    def received(item):
+        if stage.first:
+            return latent[item.patch.latent(FLUX_STAGE_PLAN.latent_row_dim)].clone()
+        return torch.randn(1, kwargs["encoder_hidden_states"].shape[1] + item.patch.num_tokens, width,
+                           device=s["device"], dtype=s["dtype"])
 
-        reset(s["device"])
-        tic = time.perf_counter()
-        with torch.no_grad():
-            with torch.compiler.set_stance("force_eager"):  # as the stage loop's first item: sizes the stale-K/V buffers
-                one_step()
-            gpu, host = timed(one_step, s["device"], s["samples"], warmup=2)
-        rows.append(dict(config=f"pipefusion=2,pipefusion_patches={s['patches']}", mode="compiled" if compile else "eager",
-                         stage=rank, blocks=len(stage.blocks), step_ms=gpu, host_ms=host, peak_gib=peak_gib(s["device"]),
-                         warmup_s=time.perf_counter() - tic))
-        del pipe, stage, transformer
-        s["emit"](rows[-1])
-    return rows
+    ins = [received(item) for item in items]
+
+    def one_step():
+        for item, x in zip(items, ins):
+            stage.compute(item, kwargs, x, latent, text)
+
+    fresh(s["device"])
+    tic = time.perf_counter()
+    with torch.no_grad():
+        with torch.compiler.set_stance("force_eager"):  # as the stage loop's first item: sizes the stale-K/V buffers
+            one_step()
+        gpu, host = timed(one_step, s["device"], s["samples"], warmup=2)
+    return dict(config=f"pipefusion=2,pipefusion_patches={s['patches']}", mode="compiled" if compile else "eager",
+                stage=rank, blocks=len(stage.blocks), step_ms=gpu, host_ms=host, peak_gib=harness.peak_gib(s["device"], 2),
+                warmup_s=time.perf_counter() - tic)
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -200,15 +156,12 @@ def markdown(rows: list[dict], env: dict) -> str:
              f"torch {env['torch']}; FLUX.1-dev-architecture transformer ({env['layers']}), random {env['dtype']} weights, "
              f"{env['size']}x{env['size']}, {env['text_len']} text tokens. step: one transformer forward (pipefusion: one "
              "stage's patches of one step), median; host: time to issue it; x serial: step / serial compiled step.", "",
-             "| config | mode | stage (blocks) | step ms | host ms | x serial compiled | peak GiB | warm-up s |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio = f"{r['step_ms'] / serial:.2f}" if serial else ""
-        stage = f"{r['stage']} ({r['blocks']})" if "stage" in r else ""
-        peak = "" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
-        lines.append(f"| {r['config']} | {r['mode']} | {stage} | {r['step_ms']:.1f} | {r['host_ms']:.1f} | {ratio} | {peak} "
-                     f"| {r['warmup_s']:.1f} |")
-    lines += ["", *[f"- {n}" for n in env["notes"]]]
+             *harness.table(
+                 ("config", "mode", "stage (blocks)", "step ms", "host ms", "x serial compiled", "peak GiB", "warm-up s"),
+                 [(r["config"], r["mode"], f"{r['stage']} ({r['blocks']})" if "stage" in r else "", f"{r['step_ms']:.1f}",
+                   f"{r['host_ms']:.1f}", f"{r['step_ms'] / serial:.2f}" if serial else "", harness.fmt(r.get("peak_gib"), ".2f"),
+                   f"{r['warmup_s']:.1f}") for r in rows], "lllrrrrr"),
+             "", *[f"- {n}" for n in env["notes"]]]
     return "\n".join(lines) + "\n"
 
 
@@ -220,21 +173,20 @@ def main() -> None:
     parser.add_argument("--patches", type=int, default=2, help="pipefusion_patches (default 2)")
     parser.add_argument("--rows", default="serial,tensor,pipefusion,pipefusion-eager")
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no row group after this many seconds")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(0)
     elif args.quick:  # the CPU proof runs the same code; dynamo alone (inductor would take minutes)
         fastpath.compile_repeated_blocks.__kwdefaults__["backend"] = "eager"
-    spec = dict(TINY_CPU["flux"]) if args.quick else dict(FLUX_DEV_CONFIG)
+    spec = dict(TINY_CPU["flux"]) if args.quick else dict(FLUX_DEV)
     size, text_len = (64, 16) if args.quick else (1024, 512)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    tag = "cpu_quick" if device.type == "cpu" else torch.cuda.get_device_name(device).split()[-1].lower()
-    stem = args.out / f"tp_step_{tag}"
-    env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", torch=torch.__version__,
+    stem = args.out / f"tp_step_{'cpu_quick' if device.type == 'cpu' else harness.machine_tag(device)}"
+    env = dict(device=harness.device_name(device, "CPU"), torch=torch.__version__,
                layers=f"{spec['num_layers']}+{spec['num_single_layers']} blocks", dtype=str(dtype).split(".")[-1],
-               size=size, text_len=text_len, command=" ".join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+               size=size, text_len=text_len, command=harness.command(),
                notes=["FAKE PROCESS GROUP of 2: collectives return at once, no data moves; a row is one rank's compute and "
                       "host cost, the exchanges left out.",
                       "tensor=2 peak GiB: this rank's half of the weights plus its activations (serial: all weights)."])
@@ -247,21 +199,19 @@ def main() -> None:
               f"host {row['host_ms']:.1f} ms, peak {row.get('peak_gib')}, warm-up {row['warmup_s']:.1f} s", flush=True)
         if row not in rows:
             rows.append(row)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(dict(env=env, rows=rows), indent=1))
-        stem.with_suffix(".md").write_text(markdown(rows, env))
+        harness.write_results(stem, dict(env=env, rows=rows), markdown(rows, env))
 
     s = dict(spec=spec, device=device, dtype=dtype, size=size, samples=args.samples, patches=args.patches, emit=emit,
-             inputs=inputs(spec, size, text_len, device, dtype))
+             inputs=flux_call(spec, size, text_len, device, dtype))
     started, wanted = time.time(), args.rows.split(",")
-    groups = dict(serial=lambda: [emit(serial_row(s))], tensor=lambda: tensor_rows(s),
+    groups = dict(serial=lambda: emit(serial_row(s)), tensor=lambda: tensor_rows(s),
                   pipefusion=lambda: pipefusion_rows(s, True), **{"pipefusion-eager": lambda: pipefusion_rows(s, False)})
     for name in wanted:
         if time.time() - started > args.budget_s:
             env["notes"].append(f"{name}: not started within --budget-s {args.budget_s:.0f}")
             continue
         groups[name]()
-        torch._dynamo.reset()
+        harness.free()
     if rows:
         print(stem.with_suffix(".md").read_text())
 
