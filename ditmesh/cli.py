@@ -401,6 +401,9 @@ def _quiet_libraries() -> None:
     # workers inherit this environment. Set the variables yourself to see them.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    from ditmesh.runner.procs import quiet_import_warnings
+
+    quiet_import_warnings()  # this process's own; the ranks' fork server does the same (_preload.py)
 
 
 def _draw_progress(step: int, of: int, width: int = 30) -> None:

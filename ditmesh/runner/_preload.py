@@ -11,16 +11,20 @@ torch about them, which initialises the CUDA driver in the server: only CPU rank
 import atexit
 import os
 
-import torch  # noqa: F401
-import torch.distributed  # noqa: F401
-from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline,  # noqa: F401
-                       StableDiffusionXLPipeline, WanPipeline)
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel  # noqa: F401
+from ditmesh.runner.procs import quiet_import_warnings
 
-import ditmesh.models.tiny  # noqa: F401
-import ditmesh.parallel.parallelize  # noqa: F401
-import ditmesh.runner.diffusion  # noqa: F401
-import ditmesh.runner.worker  # noqa: F401
+quiet_import_warnings()
+
+import torch  # noqa: F401, E402
+import torch.distributed  # noqa: F401, E402
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline,  # noqa: F401, E402
+                       StableDiffusionXLPipeline, WanPipeline)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel  # noqa: F401, E402
+
+import ditmesh.models.tiny  # noqa: F401, E402
+import ditmesh.parallel.parallelize  # noqa: F401, E402
+import ditmesh.runner.diffusion  # noqa: F401, E402
+import ditmesh.runner.worker  # noqa: F401, E402
 
 # The server ends when its parent does. Leave without the interpreter's teardown: triton's
 # bindings (imported by diffusers) print pages of "nanobind: leaked ..." there. The ranks are

@@ -15,6 +15,7 @@ restores plain spawn for CPU ranks too.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import sys
@@ -50,3 +51,10 @@ def _with_environment(environ: dict[str, str], target: Callable[..., Any], *args
     os.environ.clear()
     os.environ.update(environ)
     return target(*args)
+
+
+def quiet_import_warnings() -> None:
+    """Silence the one warning every process printed at import when torchao is installed (the
+    fp8 extra): torchao registers Enum pytree constants, which this torch reports as deprecated
+    through its ``torch.utils._pytree`` logger. It concerns those two libraries, not the user."""
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
