@@ -54,7 +54,15 @@ def _with_environment(environ: dict[str, str], target: Callable[..., Any], *args
 
 
 def quiet_import_warnings() -> None:
-    """Silence the one warning every process printed at import when torchao is installed (the
-    fp8 extra): torchao registers Enum pytree constants, which this torch reports as deprecated
-    through its ``torch.utils._pytree`` logger. It concerns those two libraries, not the user."""
+    """Silence what every process printed at import when torchao is installed (the fp8 extra),
+    none of it the user's business: torchao registers Enum pytree constants, which this torch
+    reports as deprecated (``torch.utils._pytree``), and on a machine without its CUDA kernels
+    it reports each compiled library it could not load ("Failed to load ...so")."""
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    torchao = logging.getLogger("torchao")
+    if not any(f is _skip_kernel_loads for f in torchao.filters):
+        torchao.addFilter(_skip_kernel_loads)
+
+
+def _skip_kernel_loads(record: logging.LogRecord) -> bool:
+    return not (record.getMessage().startswith("Failed to load ") and ".so" in record.getMessage())
