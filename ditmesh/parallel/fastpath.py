@@ -64,16 +64,9 @@ def fuse_qkv(denoiser: torch.nn.Module) -> None:
 
     The unfused projections stay (LoRAs target them) but hold views of the fused weights, so no
     weight is stored twice; a module whose parts carry an active LoRA runs them unfused."""
-    # Only diffusers' current API (`AttentionMixin.fuse_qkv_projections`), where the model keeps
-    # its own processors and they read `attn.fused_projections`. The legacy per-model versions
-    # swap in generic fused processors, and SD3's drops the QK RMSNorm of SD3.5 (wrong outputs).
-    from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
+    from diffusers.models.attention import AttentionModuleMixin
 
-    if getattr(type(denoiser), "fuse_qkv_projections", None) is not AttentionMixin.fuse_qkv_projections:
-        return
-
-    # diffusers refuses models whose processors project added K/V separately: keep them unfused.
-    if any("Added" in type(p).__name__ for p in denoiser.attn_processors.values()):
+    if not lora.fusable(denoiser):
         return
     # What `fuse_qkv_projections` does, one module at a time: each module's unfused weights become
     # views of its fused copy before the next module fuses, so the load peaks one block above the

@@ -79,6 +79,19 @@ def base_linear(layer: nn.Module) -> nn.Module:
 FUSED_PARTS = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
 
+def fusable(model: nn.Module) -> bool:
+    """Whether Q/K/V fusion applies to `model`: diffusers' current API only
+    (`AttentionMixin.fuse_qkv_projections`), where the model keeps its own processors and they
+    read `attn.fused_projections` (the legacy per-model versions swap in generic fused processors,
+    and SD3's drops the QK RMSNorm of SD3.5: wrong outputs), and no processor projecting added K/V
+    separately (diffusers refuses those)."""
+    from diffusers.models.attention import AttentionMixin
+
+    if getattr(type(model), "fuse_qkv_projections", None) is not AttentionMixin.fuse_qkv_projections:
+        return False
+    return not any("Added" in type(processor).__name__ for processor in model.attn_processors.values())
+
+
 def share_fused_storage(attn: nn.Module) -> None:
     """Make each projection's weight (and bias) a view into its fused projection's: the fused copy
     is then the only one (FLUX.1-dev: ~4 GiB less per GPU), and a LoRA merged into a projection in

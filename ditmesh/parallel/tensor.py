@@ -290,12 +290,8 @@ def fuse_qkv(target: nn.Module, mesh: Any, adapter: Any) -> int:
     in rank order (like `PackedRowwise`), so ``to_qkv(x).chunk(3, -1)`` gives this rank's q, k, v.
     The unfused projections become views of it: no weight is stored twice.
     """
-    from diffusers.models.attention import AttentionMixin  # the same condition as fastpath.fuse_qkv
-
-    if getattr(type(target), "fuse_qkv_projections", None) is not AttentionMixin.fuse_qkv_projections:
+    if not lora.fusable(target):
         return 0
-    if any("Added" in type(processor).__name__ for processor in target.attn_processors.values()):
-        return 0  # diffusers refuses these too: their processors project the added K/V separately
     tp_mesh, count = mesh.submesh("tensor"), 0
     for attn in _plan_of(adapter).attention_modules(target).values():
         if not getattr(attn, "_supports_qkv_fusion", False) or getattr(attn, "is_cross_attention", False) \
