@@ -245,37 +245,34 @@ async def _events(state: Any, job: _Job) -> AsyncIterator[str]:
 
 async def _response_body(state: Any, job: _Job, result: dict[str, Any]) -> dict[str, Any]:
     state.metrics.mesh_seconds.observe(job.finished - job.started)
-    if "videos" in result:
-        return await _video_body(state, job, result)
     encoding = time.perf_counter()
-    images = result["images"]
-    if sum(image.width * image.height for image in images) <= INLINE_ENCODE_PIXELS:
-        encoded = encode_images(images, job.request.output_format)
-    else:  # tens of ms per megapixel: off the event loop
-        encoded = await asyncio.to_thread(encode_images, images, job.request.output_format)
+    encode = _encoded_videos if "videos" in result else _encoded_images
+    media, first = await encode(job.request, result)
     done = time.perf_counter()
-    first = images[0]
     timings = {"queued_s": job.started - job.arrived, "mesh_s": job.finished - job.started,
                "generation_s": result.get("seconds", 0.0), "encode_s": done - encoding, "total_s": done - job.arrived}
-    return {"images": encoded, "output_format": job.request.output_format, "width": first.width,
+    return {"images": [], **media, "output_format": job.request.output_format, "width": first.width,
             "height": first.height, "seed": job.seed, "model": state.info["model"],
             "timings": {key: round(value, 6) for key, value in timings.items()},
             "computed_steps": result.get("computed_steps")}
 
 
-async def _video_body(state: Any, job: _Job, result: dict[str, Any]) -> dict[str, Any]:
-    """The response of a video model: each video (a list of PIL frames) one base64 file."""
-    encoding = time.perf_counter()
-    request, videos = job.request, result["videos"]
+async def _encoded_images(request: Any, result: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The response fields of an image model's result, and its first image."""
+    images = result["images"]
+    if sum(image.width * image.height for image in images) <= INLINE_ENCODE_PIXELS:
+        encoded = encode_images(images, request.output_format)
+    else:  # tens of ms per megapixel: off the event loop
+        encoded = await asyncio.to_thread(encode_images, images, request.output_format)
+    return {"images": encoded}, images[0]
+
+
+async def _encoded_videos(request: Any, result: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The response fields of a video model's result (each video, a list of PIL frames, one
+    base64 file), and its first frame."""
+    videos = result["videos"]
     encoded = await asyncio.to_thread(lambda: [encode_video(frames, request.output_format, request.fps) for frames in videos])
-    done = time.perf_counter()
-    first = videos[0][0]
-    timings = {"queued_s": job.started - job.arrived, "mesh_s": job.finished - job.started,
-               "generation_s": result.get("seconds", 0.0), "encode_s": done - encoding, "total_s": done - job.arrived}
-    return {"images": [], "videos": encoded, "frames": len(videos[0]), "fps": request.fps,
-            "output_format": request.output_format, "width": first.width, "height": first.height, "seed": job.seed,
-            "model": state.info["model"], "timings": {key: round(value, 6) for key, value in timings.items()},
-            "computed_steps": result.get("computed_steps")}
+    return {"videos": encoded, "frames": len(videos[0]), "fps": request.fps}, videos[0][0]
 
 
 async def _unless_client_leaves(request: Request, work: Awaitable[Any]) -> Any:
