@@ -297,10 +297,15 @@ def fuse_qkv(target: nn.Module, mesh: Any, adapter: Any) -> int:
         if not getattr(attn, "_supports_qkv_fusion", False) or getattr(attn, "is_cross_attention", False) \
                 or getattr(attn, "fused_projections", False):
             continue
-        for fused_name, parts in lora.FUSED_PARTS.items():
-            linears = [getattr(attn, part, None) for part in parts]
-            if all(isinstance(linear, nn.Linear) and isinstance(linear.weight, DTensor) for linear in linears):
-                setattr(attn, fused_name, _fused_colwise(linears, tp_mesh))
+        # Every group the module has (to_q/k/v; add_q/k/v_proj where text is projected apart) is
+        # fused, or none: a fused processor reads both fused projections.
+        groups = {name: [getattr(attn, part, None) for part in parts] for name, parts in lora.FUSED_PARTS.items()}
+        groups = {name: linears for name, linears in groups.items() if any(linear is not None for linear in linears)}
+        if not groups or not all(isinstance(linear, nn.Linear) and isinstance(linear.weight, DTensor)
+                                 for linears in groups.values() for linear in linears):
+            continue
+        for fused_name, linears in groups.items():
+            setattr(attn, fused_name, _fused_colwise(linears, tp_mesh))
         attn.fused_projections = True
         count += 1
     return count
