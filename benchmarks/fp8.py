@@ -68,6 +68,10 @@ def fp8_ours(model, run):
     return _ours(model, run, "fp8")
 
 
+def fp8_tensorwise_ours(model, run):
+    return _ours(model, run, "fp8-tensorwise")
+
+
 def fp8_torchao(model, run, default_knobs: bool = False):
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
@@ -82,6 +86,7 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
     "bf16 eager": ("serial", bf16_eager),
     "bf16 ours (fast path)": ("both", bf16_ours),
     "ours fp8": ("both", fp8_ours),
+    "ours fp8 tensorwise": ("both", fp8_tensorwise_ours),
     "bf16 + diffusers compile_repeated_blocks": ("serial", bf16_diffusers),
     "torchao fp8 + diffusers compile (knobs off)": ("serial", fp8_torchao),
 }

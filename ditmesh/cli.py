@@ -163,9 +163,10 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
     for sub in (gen, bench, serve):
         _add_cache_option(sub)
-        sub.add_argument("--quantize", choices=("off", "fp8"), default="off",
+        sub.add_argument("--quantize", choices=("off", "fp8", "fp8-tensorwise"), default="off",
                          help="fp8: the transformer's block linears as fp8 matmuls (torchao, rowwise scales; needs "
-                              "--dtype bfloat16 and a GPU with fp8 tensor cores: Ada, Hopper, Blackwell); see docs/fp8.md")
+                              "--dtype bfloat16 and a GPU with fp8 tensor cores: Ada, Hopper, Blackwell); fp8-tensorwise: one "
+                              "scale per tensor instead; see docs/fp8.md")
     return parser
 
 

@@ -121,7 +121,8 @@ def test_fp8_under_cfg_and_pipefusion_matches_serial_fp8_and_tensor_is_refused(p
 PSNR_MIN = 35.0
 
 
-def test_fp8_keeps_the_trained_model_s_pictures():
+@pytest.mark.parametrize("mode", ["fp8", "fp8-tensorwise"])
+def test_fp8_keeps_the_trained_model_s_pictures(mode):
     from ditmesh.models.loading import load_pipeline
     import test_prompt_following as following
     from test_prompt_following import SEED, SIZE as FULL, STEPS as FULL_STEPS
@@ -134,9 +135,9 @@ def test_fp8_keeps_the_trained_model_s_pictures():
                    generator=[torch.Generator().manual_seed(SEED) for _ in prompts])
         return out.images.astype(np.float64)
 
-    bf16, fp8 = draw(None), draw("fp8")
+    bf16, fp8 = draw(None), draw(mode)
     psnr = 10 * np.log10(1.0 / np.mean((bf16 - fp8) ** 2))
-    print(f"trained tiny FLUX, {len(prompts)} prompts: fp8 vs bf16 PSNR {psnr:.1f} dB")
+    print(f"trained tiny FLUX, {len(prompts)} prompts: {mode} vs bf16 PSNR {psnr:.1f} dB")
     assert psnr >= PSNR_MIN
     drawn = [following.object_colour_and_shape(image * 255.0) for image in fp8]
     assert drawn == [tuple(prompt.split()[1:]) for prompt in prompts]  # still the prompted colour and shape
@@ -145,11 +146,22 @@ def test_fp8_keeps_the_trained_model_s_pictures():
 # ---- what is quantised, and what is refused -------------------------------------------------------
 
 
-def test_plan_layers_are_fp8_and_no_bf16_copy_is_left():
+@pytest.mark.parametrize("mode", ["fp8", "fp8-tensorwise"])
+def test_plan_layers_are_fp8_and_no_bf16_copy_is_left(mode):
+    from ditmesh.models.tiny import flux_transformer_inputs
+
     model = tiny_flux_transformer().to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in flux_transformer_inputs().items()}
+    with torch.no_grad():
+        reference = model(**inputs)[0].float()
     fastpath.fuse_qkv(model)  # as on CUDA: Q/K/V fused first, the parts views of the fused weight
     before = quantize.weight_bytes(model)
-    names = quantize.apply(model, adapter_for(model))
+    names = quantize.apply(model, adapter_for(model), mode)
+    with torch.no_grad():  # the fused fp8 projections (and their scales, sliced or shared) still compute the model
+        error = float((model(**inputs)[0].float() - reference).norm() / reference.norm())
+    print(f"tiny FLUX {mode} (fused Q/K/V) vs bf16: rel err {error:.1e}")
+    assert 0 < error < 0.1
     fp8 = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and type(m.weight).__name__ == "Float8Tensor"}
     assert fp8 == set(names) and "transformer_blocks.0.attn.to_qkv" in fp8 and "single_transformer_blocks.0.proj_out" in fp8
     kept = {"x_embedder", "context_embedder", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1"}

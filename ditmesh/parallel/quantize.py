@@ -37,8 +37,10 @@ from torch.distributed.tensor import DTensor
 from ditmesh.models import denoisers
 from ditmesh.parallel import lora
 
-MODES = ("fp8",)
-"""Values of `parallelize(quantize=...)` and the CLI's ``--quantize`` (None / "off": no quantisation)."""
+MODES = ("fp8", "fp8-tensorwise")
+"""Values of `parallelize(quantize=...)` and the CLI's ``--quantize`` (None / "off": no quantisation):
+"fp8" scales rowwise (one scale per weight row and per token), "fp8-tensorwise" one scale per
+weight and one per activation tensor (cuBLAS's plain fp8 GEMM; coarser, so a larger error)."""
 
 MIN_CAPABILITY = (8, 9)
 """CUDA compute capability of the first fp8 tensor cores (Ada); Hopper is 9.0."""
@@ -105,7 +107,7 @@ def apply(denoiser: nn.Module, adapter: Any, quantize: str | None = "fp8") -> li
     if normalize(quantize) is None:
         return []
     names = _planned_linears(denoiser, adapter)
-    config = _recipe()
+    config = _recipe(quantize)
     parts = _fused_parts(denoiser)  # become views of the quantised fused weight, not quantised twice
     for name in names:
         if name not in parts:
@@ -134,16 +136,23 @@ def _planned_linears(denoiser: nn.Module, adapter: Any) -> list[str]:
     return names
 
 
-def _recipe() -> Any:
-    """torchao's fp8 recipe: rowwise scales (per output row of the weight, per token of the input)."""
+def _recipe(quantize: str) -> Any:
+    """torchao's fp8 recipe: rowwise scales (per output row of the weight, per token of the input),
+    or one scale per tensor for "fp8-tensorwise"."""
     quantization = _import_torchao().quantization
-    return quantization.Float8DynamicActivationFloat8WeightConfig(granularity=quantization.PerRow(), set_inductor_config=False)
+    granularity = quantization.PerTensor() if quantize == "fp8-tensorwise" else quantization.PerRow()
+    return quantization.Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False)
 
 
 def _quantize_linear(linear: nn.Linear, config: Any) -> None:
     weight = linear.weight.detach()
     if weight.shape[0] % 16 or weight.shape[1] % 16:
         return  # fp8 GEMMs need both dims to be multiples of 16 (torchao skips such layers too)
+    if tuple(weight.shape) == (128, 128) and isinstance(config.granularity[1], type(_import_torchao().quantization.PerTensor())):
+        # torchao 0.18 tells a tensorwise weight from a 128x128-block one by its block size alone,
+        # which a 128x128 weight's tensorwise scale also has: its matmul then asserts. Only tiny
+        # models have such layers; keep them bf16.
+        return
     linear.weight = nn.Parameter(_fp8_tensor(weight, config), requires_grad=False)  # drops the bf16 weight
 
 
