@@ -169,7 +169,8 @@ def init_single(device: torch.device) -> None:
 
     store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
     if device.type == "cuda":
-        dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=device)
+        # device_id needs an index ("cuda" alone is refused)
+        dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", device.index or 0))
     else:
         dist.init_process_group("gloo", store=store, rank=0, world_size=1)
 

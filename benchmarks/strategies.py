@@ -121,7 +121,9 @@ def build_ditmesh(config: str, mode: str, args, device, meshes: dict) -> Any:
     pipe = fresh_pipeline(family_of(config), args, device)
     parsed = ParallelConfig.parse(config)
     if config not in meshes:  # collective: every rank builds the same meshes in the same order
-        meshes[config] = ParallelMesh.build(parsed)
+        # the device type given: a fake process group's backend does not say (a CPU mesh would put
+        # tensor parallelism's DTensors on the CPU)
+        meshes[config] = ParallelMesh.build(parsed, device.type)
     graphs = {"eager": None, "compiled": None, "eager-graphs": True}[mode]
     return parallelize(pipe, parsed, mesh=meshes[config], compile=mode == "compiled", cuda_graphs=graphs)
 
@@ -211,6 +213,13 @@ def run_rows(args: argparse.Namespace, device: torch.device, kind: str, emit: Ca
                 emit(dict(config=f"serial ({family})", mode=mode, kind=kind, model=family, **serial[family, mode]))
             reference = serial.get((family, "eager" if mode == "eager-graphs" else mode), {})
             row = dict(config=config, mode=mode, kind=kind, model=family, serial_step_ms=reference.get("step_ms"))
+            if kind == "fake-rank" and config.startswith("data"):
+                # data parallelism gathers the ranks' outputs as pickled objects, which a fake group
+                # returns as garbage; its ranks share nothing inside the loop: measure it --real.
+                row["error"] = "not measurable as a fake rank (the image gather is an object collective); run --real"
+                rows.append(row)
+                emit(row)
+                continue
             row.update(timed(lambda: build_ditmesh(config, mode, args, device, meshes), inputs, args, device, busy))
             if images > 1 and "step_ms" in row:
                 row["step_ms"] /= images  # one image per rank: per-image step

@@ -33,6 +33,16 @@ def test_cpu_calls_pass_through_and_the_wrapper_is_the_denoiser():
     assert not graphed._graphs  # nothing was captured off CUDA
 
 
+def test_cfg_finds_the_latents_argument_through_a_graphed_denoiser():
+    # cfg=2 splits the batch of the model's first argument; SD3 passes it by keyword, and on CUDA
+    # the denoiser cfg wraps is the graphed one, whose forward takes *args (a KeyError: 'args' once).
+    from ditmesh.models.tiny import tiny_sd3_transformer
+    from ditmesh.parallel.cfg import _batch_arg
+
+    model = tiny_sd3_transformer(num_layers=1)
+    assert _batch_arg(GraphedDenoiser(model)) == _batch_arg(model) == "hidden_states"
+
+
 def test_signature_names_shapes_and_values_and_refuses_what_a_graph_cannot_follow():
     x = torch.ones(2, 3)
     # One graph per signature: same shapes and values share it, anything else gets its own.

@@ -61,7 +61,7 @@ class CFGDenoiser(DenoiserWrapper):
         self._group = mesh.group("cfg")
         self._cfg_rank = mesh.rank("cfg")
         self._mode = mode
-        self._batch_arg = next(iter(inspect.signature(denoiser.forward).parameters))  # hidden_states / sample
+        self._batch_arg = _batch_arg(denoiser)  # hidden_states / sample
         self.active = False
         self._calls = 0  # sequential mode: call parity within a step (even = cond, odd = uncond)
         self._placeholder: torch.Tensor | None = None  # sequential: the skipped cond call's result, filled later
@@ -128,6 +128,17 @@ class CFGDenoiser(DenoiserWrapper):
 
     def _all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_gather(tensor, 0, self._group)  # cfg rank order: [rank 0's, rank 1's]
+
+
+def _batch_arg(denoiser: nn.Module) -> str:
+    """The name of the model's first forward argument (its latents), looked up through wrappers
+    whose forward takes ``*args`` (a CUDA-graphed denoiser, another strategy's wrapper)."""
+    module = denoiser
+    while True:
+        first = next(iter(inspect.signature(module.forward).parameters.values()))
+        if first.kind is not inspect.Parameter.VAR_POSITIONAL or not isinstance(module, DenoiserWrapper):
+            return first.name
+        module = module.inner
 
 
 class CFGPipeline(PipelineWrapper):

@@ -28,14 +28,17 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     On CUDA the fast path's steps apply under every config: fused Q/K/V (on each rank's heads
     under tensor parallelism; not under PipeFusion), cuDNN attention first and regional
     `torch.compile` of the repeated blocks, collectives included. `compile` overrides the last
-    (None: compile on CUDA only, and there not yet under tensor or PipeFusion degree > 1,
-    whose compiled paths are proven on CPU but not yet measured on a GPU; the first forward then
-    compiles, for seconds). `autotune=True`
+    (None: compile on CUDA only, and there not yet under PipeFusion degree > 1, whose compiled
+    stages are proven on CPU but not yet measured in its full loop on GPUs; the first forward
+    then compiles, for seconds). `autotune=True`
     adds inductor's coordinate-descent kernel tuning to the compile (many times slower to
     compile; `benchmarks/scaling.py` measures what it gains). `cuda_graphs` replays each denoiser
     step as one captured CUDA graph, the collectives of compiled blocks inside it (`graphs.py`;
-    None: on one GPU, and under a process group where the blocks are compiled; True: also eager
-    under a process group; never under PipeFusion, whose P2P schedule runs inside the call).
+    None: on one GPU, and under a process group where the blocks are compiled or tensor
+    parallelism shards them (eager DTensor dispatch is host time a graph removes: one rank of
+    tensor=2, FLUX.1-dev, 324.5 ms eager, 98.2 ms eager + graphs, serial eager 198.6 ms;
+    benchmarks/results/strategies_h200.md); True: also eager under a process group; never under
+    PipeFusion, whose P2P schedule runs inside the call).
     Issuing a compiled FLUX step takes the host 30-50 ms, more than one rank's GPU work at 4 or
     8 GPUs (one rank of ulysses=8: 38.1 ms issued block by block, 23.4 ms as one graph;
     benchmarks/results/peers_h200_fake8.md). `max_graphs` bounds the graphs kept
@@ -100,9 +103,10 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     #    PipeFusion: LoRAs switched after parallelize (set_adapters) act only on unfused projections,
     #    and its stage loop calls the blocks, not the forward whose pre-hook re-syncs them.
     cuda, pipefusion = _on_cuda(pipe), config.pipefusion_degree > 1
-    # Compiled by default where measured on GPUs; tensor and PipeFusion compile (CPU-proven with
-    # aot_eager, not yet run on a GPU) only when asked for with compile=True.
-    compiled = bool((cuda and config.tensor_degree == 1 and not pipefusion) if compile is None else compile)
+    # Compiled by default where measured on GPUs (tensor=2: one rank 71.1 ms against the serial
+    # compiled 134.1, strategies_h200.md); PipeFusion compiles (CPU-proven with aot_eager, its
+    # stages measured alone in tp_step_h200.md) only when asked for with compile=True.
+    compiled = bool((cuda and not pipefusion) if compile is None else compile)
     for denoiser in experts if cuda else ():
         fastpath.prefer_cudnn_attention(denoiser)
         if config.tensor_degree > 1:
@@ -135,7 +139,8 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     #    their collectives are captured; cfg and data, which wrap it, stay outside).
     #    Every rank captures and replays the same calls (the strategies make them alike), so the
     #    captured collectives pair up on replay as they did when captured.
-    graphed = ((dist.get_world_size() == 1 or compiled) if cuda_graphs is None else cuda_graphs) and cuda and not pipefusion
+    graphed = ((dist.get_world_size() == 1 or compiled or config.tensor_degree > 1) if cuda_graphs is None else cuda_graphs)
+    graphed = graphed and cuda and not pipefusion
     # 2d. step cache: takes over the calls of the blocks as steps 1-2b left them (sharded, with the
     #    sequence hooks, compiled) and graphs its three pieces itself instead of 2c's whole step,
     #    since its host decision sits between the first block and the rest. Before cfg/data
