@@ -57,7 +57,7 @@ class _Saved:
     step: int
 
 
-@dataclass
+@dataclass(eq=False)
 class StageCache:
     """The static step cache of one rank's PipeFusion stage, and its computed-step report.
 
@@ -68,9 +68,9 @@ class StageCache:
     computed: list[int] = field(default_factory=list)
     """Steps (0-based within the call) the last trajectory computed in full; the others were cached."""
     in_pipeline: bool = False
-    _first_step: int = 0
-    _bands: tuple[Patch, ...] = ()
-    _saved: dict[tuple[int, int], list[_Saved]] = field(default_factory=dict)  # patch rows -> [older, newest]
+    _first_step: int = field(default=0, init=False)
+    _bands: tuple[Patch, ...] = field(default=(), init=False)  # the trajectory's patches after warm-up
+    _saved: dict[tuple[int, int], list[_Saved]] = field(default_factory=dict, init=False)  # rows -> [older, newest]
 
     # ---- CachedPipeline's interface -----------------------------------------------------------
 
