@@ -26,6 +26,13 @@ first block with the statistic and its all-reduce, then either the remaining blo
 residual add. The host reads the decision once per step (fbcache: one 8-byte device-to-host
 copy after the first block, which waits for it; static: nothing).
 
+PipeFusion (`pipefusion/cache.py`) takes the static policy only: its stages run the blocks,
+each keeps its own part of the residual per patch (they telescope to the serial one), and the
+schedule is known before the trajectory, so every stage agrees without a message. fbcache is
+refused there: its decision for step t needs the first block over the whole image before any
+later block of step t runs, but PipeFusion's patches of step t reach stage 0 one by one while
+earlier patches already run on later stages, so waiting would drain the pipeline every step.
+
 Each call of a wrapped pipeline records the steps it computed: ``out.computed_steps`` and
 ``pipe.computed_steps`` (this rank's replica under data parallelism).
 """
@@ -41,9 +48,10 @@ from torch import nn
 
 from ditmesh.config import CacheConfig
 from ditmesh.parallel.data import PipelineWrapper
+from ditmesh.parallel.pipefusion.cache import CACHE_HANDLE, StageCache
 
-_HANDLE_ATTR = "_ditmesh_step_cache"
-# Mesh axes whose ranks share one image (data replicas decide alone); PipeFusion is refused.
+_HANDLE_ATTR = CACHE_HANDLE  # "_ditmesh_step_cache"
+# Mesh axes whose ranks share one image (data replicas decide alone); PipeFusion decides by schedule.
 _IMAGE_AXES = ("cfg", "sequence", "tensor")
 
 
@@ -53,9 +61,13 @@ def check(pipe: Any, config: Any, cache: CacheConfig, adapter: Any) -> None:
         return
     if not adapter.cache_blocks:
         raise ValueError(f"step caching has no block plan for {adapter.name} models; drop --cache (cache=off) for them")
-    if config is not None and config.pipefusion_degree > 1:
-        raise ValueError("step caching does not compose with pipefusion yet (its stages run the blocks patch by patch); "
-                         "use ulysses, ring or cfg for those GPUs, or drop --cache")
+    if config is not None and config.pipefusion_degree > 1 and cache.policy != "static":
+        # fbcache decides step t from the first block over the whole image, before any later block
+        # of step t; PipeFusion's patches of step t reach stage 0 one by one (pipefusion/cache.py).
+        raise ValueError(f"step caching under pipefusion takes the static policy (e.g. 'static,warmup=2,every=2' or "
+                         f"'static,mask=...'), not {cache.policy!r}: its decision needs the first block over the whole "
+                         "image before the later blocks of that step run, which would drain PipeFusion's pipeline "
+                         "of patches at every step")
 
 
 def apply(pipe: Any, adapter: Any, cache: CacheConfig, mesh: Any = None, *, cuda_graphs: bool = False) -> Any:
@@ -69,6 +81,12 @@ def apply(pipe: Any, adapter: Any, cache: CacheConfig, mesh: Any = None, *, cuda
     denoiser = getattr(pipe, adapter.denoiser_attr, pipe)
     if getattr(denoiser, _HANDLE_ATTR, None) is not None:
         raise ValueError("step caching is already applied to this model; call .remove() on its handle first")
+    if mesh is not None and mesh.config.pipefusion_degree > 1:
+        # PipeFusion's stages run the blocks (parallelize step 3): they take the schedule from this
+        # handle and keep their residuals per stage and patch; no block takeover here.
+        handle = StageCache(cache)
+        setattr(denoiser, _HANDLE_ATTR, handle)
+        return CachedPipeline(pipe, handle)
     blocks = [block for attr in adapter.cache_blocks for block in getattr(denoiser, attr)]
     groups = [mesh.group(axis) for axis in _IMAGE_AXES if mesh.size(axis) > 1] if mesh is not None else []
     # FLUX's true CFG (two calls per step) with cfg=2: this rank only sees the calls of branch cfg-rank.
@@ -135,6 +153,11 @@ class StepCache:
         blocks[0]._compiled_call_impl = self._step
         for block, layout in zip(blocks[1:], self.layout[1:]):
             block._compiled_call_impl = _pass_through(layout)
+
+    @property
+    def computed(self) -> list[int]:
+        """Steps the current (or last) pipeline call computed in full."""
+        return self.calls.computed
 
     def remove(self) -> None:
         """Give the blocks back their own calls (compiled or not)."""
@@ -314,7 +337,7 @@ class CachedPipeline(PipelineWrapper):
     """A pipeline whose calls reset the cache, advance its step at each step end, and report
     ``computed_steps`` (on the output when it is an object, and as ``pipe.computed_steps``)."""
 
-    def __init__(self, pipe: Any, cache: StepCache):
+    def __init__(self, pipe: Any, cache: StepCache | StageCache):
         super().__init__(pipe)
         self._cache = cache
         self._computed: list[int] = []
@@ -325,7 +348,7 @@ class CachedPipeline(PipelineWrapper):
         return self._computed
 
     @property
-    def step_cache(self) -> StepCache:
+    def step_cache(self) -> StepCache | StageCache:
         return self._cache
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -340,7 +363,7 @@ class CachedPipeline(PipelineWrapper):
             out = self._pipe(*args, **{**kwargs, "callback_on_step_end": on_step_end})
         finally:
             self._cache.in_pipeline = False
-        self._computed = list(self._cache.calls.computed)
+        self._computed = list(self._cache.computed)
         if not isinstance(out, tuple):
             out.computed_steps = self._computed
         return out

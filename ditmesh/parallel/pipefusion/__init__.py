@@ -10,7 +10,9 @@ that patch already passed the stage, else the previous step), as in PipeFusion (
 Text tokens travel with each patch through the stages (the patch's text stream sees fresh text
 K/V and the [stale + fresh] image K/V), so with only warm-up steps the result is exact.
 
-Composes with cfg (each cfg rank runs a pipeline on one guidance branch; the last stages
+Composes with the `static` step cache (`cache`: each stage adds its own saved residual on a
+cached step; the fbcache policy is refused, its whole-image decision would drain the pipeline),
+and with cfg (each cfg rank runs a pipeline on one guidance branch; the last stages
 all-gather per patch to combine guidance) and with Ulysses inside each stage (the patch's tokens
 are sharded; the stale K/V are spliced in after the all-to-all, on this rank's heads).
 
@@ -21,6 +23,7 @@ The package, by seam:
 - `schedule`: the static tick schedule every rank derives alike (which stage computes which
   item when, and which tensors move at each tick), and why its P2P order cannot deadlock on NCCL;
 - `exchange`: posting each tick's transfers as one batch on the pipefusion group;
+- `cache`: static step caching per stage (residuals per patch, saved at computed steps);
 - `loop`: a stage running its ticks, and `PipeFusionTransformer`, which owns the denoising loop;
 - here: `composition_problems` (checked by `validate`) and `apply_pipefusion` (parallelize's step 3).
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 from ditmesh.config import ParallelConfig
+from ditmesh.parallel.pipefusion.cache import CACHE_HANDLE, StageCache
 from ditmesh.parallel.pipefusion.loop import PipeFusionTransformer, Stage, StageTimes
 from ditmesh.parallel.pipefusion.schedule import Item, Schedule, build_items, build_schedule
 from ditmesh.parallel.pipefusion.stages import keep_stage, patch_rows, split_stages
@@ -39,7 +43,7 @@ from ditmesh.plans import StagePlan
 
 __all__ = ["StagePlan", "PipeFusionTransformer", "apply_pipefusion", "composition_problems", "split_stages",
            "patch_rows", "keep_stage", "StaleKVProcessor", "PatchContext", "install_stale_kv", "Stage",
-           "StageTimes", "Item", "Schedule", "build_items", "build_schedule"]
+           "StageTimes", "StageCache", "Item", "Schedule", "build_items", "build_schedule"]
 
 
 # ---- parallelize step 3 ---------------------------------------------------------------------
@@ -81,7 +85,9 @@ def composition_problems(pipe: Any, config: ParallelConfig, adapter: Any) -> lis
 
 
 def apply_pipefusion(pipe: Any, mesh: Any, adapter: Any) -> Any:
-    """Replace the pipeline's transformer by this rank's `PipeFusionTransformer` stage (step 3)."""
+    """Replace the pipeline's transformer by this rank's `PipeFusionTransformer` stage (step 3).
+
+    A static step cache that `cache.apply` (step 2d) left on the transformer runs inside the stages."""
     config = mesh.config
     if not hasattr(pipe, adapter.denoiser_attr):
         raise ValueError(
@@ -102,6 +108,6 @@ def apply_pipefusion(pipe: Any, mesh: Any, adapter: Any) -> Any:
     # stale-K/V wrappers wrap) and the head's gather hook; the stage loop shards each patch.
     sequence = getattr(model, SEQUENCE_HANDLE).ctx if config.ulysses_degree > 1 else None
     wrapper = PipeFusionTransformer(model, adapter.stage_plan, mesh.group("pipefusion"), config, scheduler,
-                                    adapter.joint_text, guidance, cfg_group, sequence)
+                                    adapter.joint_text, guidance, cfg_group, sequence, getattr(model, CACHE_HANDLE, None))
     setattr(pipe, adapter.denoiser_attr, wrapper)
     return pipe

@@ -25,6 +25,7 @@ from torch import nn
 
 from ditmesh.config import ParallelConfig
 from ditmesh.parallel import lora
+from ditmesh.parallel.pipefusion.cache import StageCache
 from ditmesh.parallel.pipefusion.exchange import StageExchange
 from ditmesh.parallel.pipefusion.schedule import HIDDEN, Item, Schedule, Tick, build_items, build_schedule
 from ditmesh.parallel.pipefusion.stages import keep_stage
@@ -59,8 +60,9 @@ class Stage:
     """One rank's stage: its blocks, its end of the P2P exchange, and its part of the schedule."""
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module], plan: StagePlan, group: dist.ProcessGroup,
-                 context: PatchContext, sequence: Any = None):
+                 context: PatchContext, sequence: Any = None, cache: StageCache | None = None):
         self.model, self.blocks, self.plan, self.group, self.context = model, blocks, plan, group, context
+        self.cache = cache  # static step caching (cache.py) or None
         self.exchange = StageExchange(group)
         self.sequence = sequence  # the sequence-parallel context (Ulysses inside each stage) or None
         self.num_shards = dist.get_world_size(sequence.sequence_group) if sequence else 1
@@ -107,8 +109,17 @@ class Stage:
             num_text = received.shape[1] - patch.num_tokens // self.num_shards
             text, image = received[:, :num_text], received[:, num_text:]
         block_kwargs = plan.block_kwargs(self.model, kwargs, patch)
-        for block in self.blocks:
-            text, image = block(hidden_states=image, encoder_hidden_states=text, **block_kwargs)
+
+        def call(blocks: list[nn.Module], text: torch.Tensor | None, image: torch.Tensor) -> tuple:
+            for block in blocks:
+                text, image = block(hidden_states=image, encoder_hidden_states=text, **block_kwargs)
+            return text, image
+
+        if self.cache is None:
+            text, image = call(self.blocks, text, image)
+        else:  # a cached step adds the stage's saved residual instead of running (most of) its blocks
+            group = self.sequence.sequence_group if self.sequence else None
+            text, image = self.cache.run(item.step, patch, self.first, self.blocks, text, image, call, group)
         if self.last:  # under Ulysses, the sequence plan's gather hook on the head collects the patch
             return plan.head(self.model, image, block_kwargs, tuple(latent[patch.latent(plan.latent_row_dim)].shape))
         return torch.cat([text, image], dim=1)  # (B, T + n, D): the text stream travels with the patch
@@ -211,12 +222,13 @@ class PipeFusionTransformer(nn.Module):
     a trajectory's first step runs the whole pipelined denoising (all steps) from its latent;
     each call returns the prediction that trajectory applied at that step, so the pipeline's own
     flow-matching Euler scheduler reproduces it. Every rank of the pipefusion group must make the
-    same calls (same pipeline arguments and seed).
+    same calls (same pipeline arguments and seed). `cache`: static step caching inside the
+    stages (`cache.py`), or None.
     """
 
     def __init__(self, model: nn.Module, plan: StagePlan, group: dist.ProcessGroup, config: ParallelConfig,
                  scheduler: Any, text_side: str | None, guidance_scale: Callable[[], float | None] = lambda: None,
-                 cfg_group: dist.ProcessGroup | None = None, sequence: Any = None):
+                 cfg_group: dist.ProcessGroup | None = None, sequence: Any = None, cache: StageCache | None = None):
         super().__init__()
         ranks = dist.get_process_group_ranks(group)
         # Sequence-parallel attention always hands the local kernel [text, image].
@@ -226,7 +238,7 @@ class PipeFusionTransformer(nn.Module):
         lora.mark_seen(model)  # LoRAs loaded before stay; later ones would land on renumbered blocks
         lora.refuse_loads(model, f"PipeFusion cannot apply LoRA adapters loaded after parallelize: {LORA_FIX}")
         install_stale_kv(blocks, self.context)
-        self._stage = Stage(model, blocks, plan, group, self.context, sequence)
+        self._stage = Stage(model, blocks, plan, group, self.context, sequence, cache)
         self._plan, self._config, self._scheduler, self._guidance_scale = plan, config, scheduler, guidance_scale
         self._cfg_group = cfg_group  # set when cfg=2 runs the other guidance branch on a peer pipeline
         self._predictions: dict[int, torch.Tensor] = {}
@@ -293,6 +305,8 @@ class PipeFusionTransformer(nn.Module):
             )
         # One token row is 16 image pixels for FLUX (VAE 8 x packing 2) and SD3 (VAE 8 x patch 2).
         items = build_items(steps, self._config.warmup_steps, grid, self._config.num_patches, height=grid.rows * 16)
+        if self._stage.cache is not None:
+            self._stage.cache.begin(steps, [item.patch for item in items])
         sigmas = scheduler.sigmas.to(latent.device)
         captured_t = kwargs["timestep"]
 
