@@ -8,10 +8,10 @@
 Rows (`--configs`): ulysses=2, ring=2, tensor=2, pipefusion=2, data=2 on a FLUX.1-dev-sized
 FluxPipeline and cfg=2 on an SD3.5-large-sized StableDiffusion3Pipeline with guidance (random bf16
 weights, 1024², tiny text encoders and VAE: `harness.build_pipeline`), each in every
-`--modes` (eager: `compile=False`; compiled: parallelize's default; eager-graphs: `compile=False,
-cuda_graphs=True`). Every row is just `parallelize(pipe, ParallelConfig.parse(config), compile=...)`,
-so a strategy that raises (e.g. compile=True with tensor or PipeFusion before they compile) is a
-row with its error, not a crash. Per row:
+`--modes` (eager: `compile=False, cuda_graphs=False`; compiled: parallelize's default;
+eager-graphs: `compile=False, cuda_graphs=True`, which is also what `compile=False` alone does
+now). Every row is just `parallelize(pipe, ParallelConfig.parse(config), compile=...,
+cuda_graphs=...)`, so a strategy that raises is a row with its error, not a crash. Per row:
 
 - step_ms: denoising loop / steps (prompt embeddings given), median of --loops, max over ranks;
   data=2 makes one image per rank, so its step_ms is per image (loop / steps / 2);
@@ -124,7 +124,7 @@ def build_ditmesh(config: str, mode: str, args, device, meshes: dict) -> Any:
         # the device type given: a fake process group's backend does not say (a CPU mesh would put
         # tensor parallelism's DTensors on the CPU)
         meshes[config] = ParallelMesh.build(parsed, device.type)
-    graphs = {"eager": None, "compiled": None, "eager-graphs": True}[mode]
+    graphs = {"eager": False, "compiled": None, "eager-graphs": True}[mode]  # None: parallelize's default (graphs on CUDA)
     return parallelize(pipe, parsed, mesh=meshes[config], compile=mode == "compiled", cuda_graphs=graphs)
 
 

@@ -99,9 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--eager", action="store_true", help="no torch.compile of the blocks (compiled on GPUs by default)")
     _add_lora_argument(bench)
     bench.add_argument("--max-graphs", type=int, default=8, help=MAX_GRAPHS_HELP)
-    bench.add_argument("--cuda-graphs", action="store_true",
-                       help="replay each step as one CUDA graph under several GPUs also with --eager "
-                            "(default: on one GPU, and on several when compiled)")
+    bench.add_argument("--no-cuda-graphs", action="store_true",
+                       help="issue every op of every step from the host (default on GPUs: each step replayed as one "
+                            "CUDA graph, compiled or --eager; never under pipefusion)")
+    bench.add_argument("--cuda-graphs", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     bench.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
     bench.set_defaults(run=_bench)
     _add_engine(bench, several=True)
@@ -170,11 +171,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-EAGER_HELP = ("on GPUs, skip torch.compile of the blocks (and the CUDA graphs on several GPUs; one GPU still "
-              "replays each step as a graph). Compiled (the default) the first "
+EAGER_HELP = ("on GPUs, skip torch.compile of the blocks (each step is still replayed as one CUDA graph, which "
+              "takes the host's per-op issue off the step). Compiled (the default) the first "
               "call compiles for seconds to a minute (tiny FLUX: 19 s on one H200) and each new image size captures a "
-              "graph (FLUX.1-dev size: ~0.4 s); afterwards steps are much faster (FLUX ulysses=2 on 2 H200: eager "
-              "222 ms/step, slower than one compiled GPU at 132 ms). --eager suits a single quick image")
+              "graph (FLUX.1-dev size: ~0.4 s); afterwards steps are faster (FLUX.1-dev, one H200: 134 ms compiled "
+              "against 183-199 ms eager). --eager suits a single quick image")
 MAX_GRAPHS_HELP = ("CUDA graphs kept per process, one per image size and LoRA set (least recently used dropped); "
                    "each holds its activations' memory")
 
@@ -226,6 +227,12 @@ def _speed_setup(args: argparse.Namespace) -> dict[str, Any]:
         check_cli(args.quantize, args.device, args.dtype)
     quantize = {} if args.quantize == "off" else dict(quantize=args.quantize)  # only when on: every worker takes the rest
     return dict(compile=False if args.eager else None, loras=args.lora, max_graphs=args.max_graphs, cache=args.cache, **quantize)
+
+
+def _cuda_graphs(args: argparse.Namespace) -> bool | None:
+    """bench's graph option as `parallelize` takes it: False with --no-cuda-graphs, True only when
+    asked for by the old flag (which the xfuser engine refuses), else None (the default)."""
+    return False if args.no_cuda_graphs else (True if args.cuda_graphs else None)
 
 
 def _engine_setup(engine: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
@@ -296,7 +303,7 @@ def _bench(args: argparse.Namespace) -> int:
         payload["true_cfg_scale"] = args.true_cfg_scale
     if args.frames is not None:
         payload["num_frames"] = args.frames
-    setup = dict(model=args.model, dtype=args.dtype, cuda_graphs=True if args.cuda_graphs else None, **_speed_setup(args))
+    setup = dict(model=args.model, dtype=args.dtype, cuda_graphs=_cuda_graphs(args), **_speed_setup(args))
     rows = [dict(row, config=f"{engine} {row['config']}" if len(engines) > 1 else row["config"])
             for engine, worker in engines.items()
             for row in bench.run_configs(configs, _engine_setup(engine, args, setup), payload, repeats=args.repeats, worker=worker,

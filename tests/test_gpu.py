@@ -313,8 +313,14 @@ def _strategies(world: int) -> list[str]:
     """Every strategy: sequence and data at degree `world`; pipefusion, tensor and cfg at 2 (the
     tiny model's limits), data filling the rest of the GPUs."""
     rest = f",data={world // 2}" if world > 2 else ""
-    return [f"ulysses={world}", f"ring={world}", f"data={world}", f"pipefusion=2,warmup_steps=2{rest}",
-            f"tensor=2{rest}", f"cfg=2{rest}"]
+    compiled = [f"ulysses={world}", f"ring={world}", f"data={world}", f"pipefusion=2,warmup_steps=2{rest}",
+                f"tensor=2{rest}", f"cfg=2{rest}"]
+    # compile=False: eager blocks, each step still one CUDA graph (the eager NCCL collectives captured)
+    eager = [f"{EAGER}ulysses={world}", f"{EAGER}ring={world}", f"{EAGER}tensor=2{rest}", f"{EAGER}cfg=2{rest}"]
+    return compiled + eager
+
+
+EAGER = "eager:"  # a _strategies entry run with parallelize(..., compile=False)
 
 
 def _rank_main(out: str) -> None:
@@ -333,8 +339,10 @@ def _rank_main(out: str) -> None:
                     for call in (plain, guided)}
     errors = {}
     for spec in _strategies(world):
-        call = guided if spec.startswith("cfg") else plain
-        pipe = parallelize(tiny_pipeline("tiny-flux").to(device, torch.bfloat16), ParallelConfig.parse(spec))
+        eager = spec.startswith(EAGER)
+        config = ParallelConfig.parse(spec.removeprefix(EAGER))
+        call = guided if config.cfg_degree > 1 else plain
+        pipe = parallelize(tiny_pipeline("tiny-flux").to(device, torch.bfloat16), config, compile=False if eager else None)
         with torch.no_grad():
             for _ in range(2):  # the first compiles and captures, the second replays
                 out = pipe(**call, generator=torch.Generator().manual_seed(0))

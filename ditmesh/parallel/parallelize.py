@@ -34,11 +34,11 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     adds inductor's coordinate-descent kernel tuning to the compile (many times slower to
     compile; `benchmarks/scaling.py` measures what it gains). `cuda_graphs` replays each denoiser
     step as one captured CUDA graph, the collectives of compiled blocks inside it (`graphs.py`;
-    None: on one GPU, and under a process group where the blocks are compiled or tensor
-    parallelism shards them (eager DTensor dispatch is host time a graph removes: one rank of
-    tensor=2, FLUX.1-dev, 324.5 ms eager, 98.2 ms eager + graphs, serial eager 198.6 ms;
-    benchmarks/results/strategies_h200.md); True: also eager under a process group; never under
-    PipeFusion, whose P2P schedule runs inside the call).
+    None: on CUDA, compiled or eager, except under PipeFusion, whose P2P schedule runs inside
+    the call; False: off). Eager, a rank's host issuing every op is the step's bottleneck
+    under a process group, and each collective waits for the slower host: a graph removes that
+    issue time (one rank of tensor=2, FLUX.1-dev: 324.5 ms eager, 98.2 ms eager + graphs,
+    serial eager 198.6 ms; benchmarks/results/strategies_h200.md).
     Issuing a compiled FLUX step takes the host 30-50 ms, more than one rank's GPU work at 4 or
     8 GPUs (one rank of ulysses=8: 38.1 ms issued block by block, 23.4 ms as one graph;
     benchmarks/results/peers_h200_fake8.md). `max_graphs` bounds the graphs kept
@@ -139,8 +139,7 @@ def parallelize(pipe: Any, config: ParallelConfig, mesh: ParallelMesh | None = N
     #    their collectives are captured; cfg and data, which wrap it, stay outside).
     #    Every rank captures and replays the same calls (the strategies make them alike), so the
     #    captured collectives pair up on replay as they did when captured.
-    graphed = ((dist.get_world_size() == 1 or compiled or config.tensor_degree > 1) if cuda_graphs is None else cuda_graphs)
-    graphed = graphed and cuda and not pipefusion
+    graphed = (cuda_graphs is not False) and cuda and not pipefusion
     # 2d. step cache: takes over the calls of the blocks as steps 1-2b left them (sharded, with the
     #    sequence hooks, compiled) and graphs its three pieces itself instead of 2c's whole step,
     #    since its host decision sits between the first block and the rest. Before cfg/data
