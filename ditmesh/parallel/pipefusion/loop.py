@@ -90,6 +90,12 @@ class Stage:
         # layer, eagerly, so that the compiled blocks never trace an allocation.
         signature = (tuple(latent.shape), latent.dtype, latent.device)
         run.eager_first, self.sized_for = signature != self.sized_for, signature
+        # A lone whole-image warm-up item per trajectory (warmup_steps=1, the default) runs eagerly
+        # in every call: compiled, its shape would first be compiled in the second call (the first
+        # call runs it eagerly, above), a compile the user meets after the "first call". Two or
+        # more whole items compile theirs in the first call.
+        whole = [item for item in items if item.patch.num_tokens == item.patch.grid.rows * item.patch.grid.cols]
+        run.eager_whole = len(whole) == 1 and len(whole) < len(items)
         for tick in schedule.program(self.stage):
             run.tick(tick)
         run.finish()
@@ -108,6 +114,9 @@ class Stage:
         else:
             num_text = received.shape[1] - patch.num_tokens // self.num_shards
             text, image = received[:, :num_text], received[:, num_text:]
+        # Contiguous streams: a slice of the embedding or of the received [text, image] tokens has
+        # other strides than a whole tensor, and each stride pattern is a recompile of the blocks.
+        image, text = image.contiguous(), None if text is None else text.contiguous()
         block_kwargs = plan.block_kwargs(self.model, kwargs, patch)
 
         def call(blocks: list[nn.Module], text: torch.Tensor | None, image: torch.Tensor) -> tuple:
@@ -143,6 +152,7 @@ class _Run:
         self.in_flight: list[_Posted] = []  # batches with a send not known to be complete
         self.outputs: list[tuple[Item, torch.Tensor]] = []
         self.eager_first = False  # run the first computed item eagerly (Stage.run sets it)
+        self.eager_whole = False  # run whole-image items eagerly (Stage.run sets it)
 
     def tick(self, tick: Tick) -> None:
         """Compute this tick's item (if any), then post the tick's transfers as one batch."""
@@ -169,8 +179,10 @@ class _Run:
         tic = time.perf_counter()
         received = self._input(index)
         tac = time.perf_counter()
-        eager = torch.compiler.set_stance("force_eager") if self.eager_first else contextlib.nullcontext()
+        whole = item.patch.num_tokens == item.patch.grid.rows * item.patch.grid.cols
+        eager = self.eager_first or (whole and self.eager_whole)
         self.eager_first = False
+        eager = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
         with eager:
             result = stage.compute(item, self.step_kwargs(item.step), received, self.latent, self.text)
         if stage.last:
