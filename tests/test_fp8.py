@@ -206,3 +206,33 @@ def test_cli_refuses_fp8_on_the_cpu_before_any_process_starts(capsys):
     assert "needs a GPU with fp8 tensor cores" in capsys.readouterr().err
     assert main(["bench", "--quantize", "fp8", "--device", "cpu"]) == 2
     assert "add --dtype bfloat16" in capsys.readouterr().err
+
+
+def test_weights_quantised_on_their_way_to_the_device_equal_the_usual_path():
+    # quantize.move_quantized (what a worker does with --quantize: the GPU never holds the bf16
+    # model) gives the same fp8 weights and output as fusing and quantising on the device, and
+    # parallelize's own fp8 step then leaves them as they are.
+    from ditmesh.models.tiny import flux_transformer_inputs
+    from ditmesh.runner.diffusion import _load
+
+    usual = tiny_flux_transformer().to(torch.bfloat16)
+    moved = copy.deepcopy(usual)
+    fastpath.fuse_qkv(usual)
+    quantize.apply(usual, adapter_for(usual))
+    quantize.move_quantized(moved, adapter_for(moved), "fp8", "cpu")
+    weight = moved.transformer_blocks[0].attn.to_qkv.weight
+    assert type(weight).__name__ == "Float8Tensor"
+    assert torch.equal(weight.qdata.view(torch.uint8), usual.transformer_blocks[0].attn.to_qkv.weight.qdata.view(torch.uint8))
+    fastpath.fuse_qkv(moved)
+    quantize.apply(moved, adapter_for(moved))  # what parallelize does next: nothing left to do
+    assert moved.transformer_blocks[0].attn.to_qkv.weight is weight
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in flux_transformer_inputs().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(moved(**inputs)[0], usual(**inputs)[0], atol=0, rtol=0)
+    assert quantize.weight_bytes(moved) == quantize.weight_bytes(usual)
+    # The worker's loader refuses what parallelize would, before quantising anything.
+    with pytest.raises(ValueError, match="does not compose with tensor parallelism"):
+        _load("tiny-flux", "bfloat16", torch.device("cpu"), "fp8", ParallelConfig(tensor_degree=2))
+    pipe = _load("tiny-flux", "bfloat16", torch.device("cpu"), "fp8", ParallelConfig())
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Float8Tensor"

@@ -422,7 +422,7 @@ def test_padding_or_ring_keeps_the_general_layout(pools):
 
 def check_cuda_graph_default(degrees, compile):
     """Which configs `parallelize` graphs by default on CUDA (the device check and the compile
-    stubbed, so this runs on gloo): every world size where the blocks are whole and compiled."""
+    stubbed, so this runs on gloo)."""
     import importlib
 
     from ditmesh.parallel import fastpath, graphs
@@ -442,9 +442,11 @@ def check_cuda_graph_default(degrees, compile):
     return bool(applied)
 
 
+# CUDA graphs by default on CUDA, compiled or eager (eager host issue is the lock-step loss under
+# a process group), and tensor parallelism compiled and graphed too; never under PipeFusion.
 @pytest.mark.parametrize("degrees,compile,graphed", [(dict(ulysses_degree=2), None, True),
                                                      (dict(ring_degree=2), None, True),
-                                                     (dict(ulysses_degree=2), False, False),
-                                                     (dict(tensor_degree=2), None, False)])
+                                                     (dict(ulysses_degree=2), False, True),
+                                                     (dict(tensor_degree=2), None, True)])
 def test_cuda_graphs_by_default_where_blocks_are_compiled(pools, degrees, compile, graphed):
     assert pools(2).run(check_cuda_graph_default, degrees, compile) == [graphed, graphed]

@@ -64,19 +64,16 @@ def fuse_qkv(denoiser: torch.nn.Module) -> None:
 
     The unfused projections stay (LoRAs target them) but hold views of the fused weights, so no
     weight is stored twice; a module whose parts carry an active LoRA runs them unfused."""
-    from diffusers.models.attention import AttentionModuleMixin
-
     if not lora.fusable(denoiser):
         return
     # What `fuse_qkv_projections` does, one module at a time: each module's unfused weights become
     # views of its fused copy before the next module fuses, so the load peaks one block above the
     # model (fusing all first held both copies at once: FLUX.1-dev 26.3 GiB instead of 22.3).
     fused = []
-    for attn in denoiser.modules():
-        if isinstance(attn, AttentionModuleMixin) and attn._supports_qkv_fusion:
-            attn.fuse_projections()
-            lora.share_fused_storage(attn)
-            fused.append(attn)
+    for attn in lora.fusable_attention(denoiser):
+        attn.fuse_projections()
+        lora.share_fused_storage(attn)
+        fused.append(attn)
     fused = [m for m in fused if getattr(m, "fused_projections", False)]
     # A LoRA on to_q/k/v (loaded before or after) acts only in the unfused path: before every
     # forward, each module takes the fused one only while it equals the unfused ones.

@@ -92,6 +92,13 @@ def fusable(model: nn.Module) -> bool:
     return not any("Added" in type(processor).__name__ for processor in model.attn_processors.values())
 
 
+def fusable_attention(module: nn.Module) -> list[nn.Module]:
+    """The attention modules under `module` whose Q/K/V diffusers can fuse (`fuse_projections`)."""
+    from diffusers.models.attention import AttentionModuleMixin
+
+    return [m for m in module.modules() if isinstance(m, AttentionModuleMixin) and m._supports_qkv_fusion]
+
+
 def share_fused_storage(attn: nn.Module) -> None:
     """Make each projection's weight (and bias) a view into its fused projection's: the fused copy
     is then the only one (FLUX.1-dev: ~4 GiB less per GPU), and a LoRA merged into a projection in

@@ -100,22 +100,61 @@ def check_cli(quantize: str | None, device: str, dtype: str) -> None:
     _check_device(quantize, "cuda")
 
 
-def apply(denoiser: nn.Module, adapter: Any, quantize: str | None = "fp8") -> list[str]:
-    """Quantise `denoiser`'s planned linears to fp8 in place; return their names.
+def apply(denoiser: nn.Module, adapter: Any, quantize: str | None = "fp8", within: str | None = None) -> list[str]:
+    """Quantise `denoiser`'s planned linears to fp8 in place (those under the submodule named
+    `within`, or all); return their names. Linears already fp8 (`move_quantized`) stay as they are.
 
     Call after Q/K/V fusion (it changes which weights exist) and before compiling. Every rank calls it with the same model; it is local (no collective)."""
     if normalize(quantize) is None:
         return []
-    names = _planned_linears(denoiser, adapter)
+    names = [name for name in _planned_linears(denoiser, adapter) if within is None or name.startswith(f"{within}.")]
     config = _recipe(quantize)
     parts = _fused_parts(denoiser)  # become views of the quantised fused weight, not quantised twice
     for name in names:
-        if name not in parts:
-            _quantize_linear(denoiser.get_submodule(name), config)
-    for attn in _fused_attention(denoiser):
+        linear = denoiser.get_submodule(name)
+        if name not in parts and not _is_fp8(linear.weight):
+            _quantize_linear(linear, config)
+    for attn in _fused_attention(denoiser.get_submodule(within) if within else denoiser):
         lora.share_fused_storage(attn)  # the unfused projections now view the fp8 fused weight
     lora.refuse_loads(denoiser, f"LoRAs cannot be loaded into an fp8 model: {LORA_FIX}")
     return names
+
+
+def move_quantized(denoiser: nn.Module, adapter: Any, quantize: str | None, device: torch.device | str,
+                   fuse_qkv: bool = True) -> None:
+    """Move `denoiser` from the CPU to `device` one block at a time, fusing Q/K/V (`fuse_qkv`: as
+    the CUDA fast path does, not under PipeFusion) and quantising each block as it arrives, so
+    the GPU never holds the bf16 model: FLUX.1-dev's 22.2 GiB of bf16 weights arrive as 11.2 GiB
+    of fp8 with one bf16 block on top. `parallelize(..., quantize=...)` then finds the work done.
+    Refuses (ValueError) what `check` refuses, before anything moves."""
+    if normalize(quantize) is None:
+        denoiser.to(device)
+        return
+    _planned_linears(denoiser, adapter)
+    _check_device(quantize, torch.device(device).type)
+    for name, unit in _units(denoiser):
+        unit.to(device)
+        if fuse_qkv and lora.fusable(denoiser):
+            for attn in lora.fusable_attention(unit):
+                attn.fuse_projections()
+                lora.share_fused_storage(attn)
+        apply(denoiser, adapter, quantize, within=name)
+    denoiser.to(device)  # what sits on the denoiser itself (parameters, buffers outside the units)
+
+
+def _units(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The denoiser's parts, moved one at a time: its children, a block list's blocks one by one."""
+    units = []
+    for name, child in denoiser.named_children():
+        if isinstance(child, nn.ModuleList):
+            units += [(f"{name}.{index}", block) for index, block in enumerate(child)]
+        else:
+            units.append((name, child))
+    return units
+
+
+def _is_fp8(weight: torch.Tensor) -> bool:
+    return type(weight).__name__ == "Float8Tensor"
 
 
 LORA_FIX = ("its weights are fp8; bake the LoRAs in before parallelize with pipe.fuse_lora() then "
